@@ -1,0 +1,1 @@
+"""Command-line tools (installed as ``glag.tools``): thin argparse front ends over glag."""
