@@ -1,0 +1,159 @@
+"""The run folder: resolved config, provenance (commit, versions, seed), per-epoch summary, metrics.
+
+Every tool writes one: ``config.json``, ``env.json``, ``summary.csv`` (one row per epoch),
+``metrics.json``, plus its checkpoints. Files are written to a temporary name and renamed, so an
+interrupted run never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder + fsync + rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temp file, then rename: a checkpoint is whole or absent."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The commit of the glag source tree (with ``-dirty`` when modified), or None outside git."""
+    cwd = cwd or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(seed: int | None = None) -> dict:
+    """Provenance of a run: glag version and commit, package versions, Python, platform, seed."""
+    import glag
+
+    versions = {}
+    for name in ("torch", "numpy", "numba", "faiss", "h5py", "cupy"):
+        try:
+            mod = __import__(name)
+            versions[name] = getattr(mod, "__version__", "unknown")
+        except Exception:  # noqa: BLE001 - optional packages may be absent or broken
+            versions[name] = None
+    return {
+        "glag": glag.__version__,
+        "commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+        "argv": sys.argv,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy's global state and torch (library code uses its own generators too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunDir:
+    """A run folder. ``RunDir(path)`` creates it; ``resume=True`` accepts an existing one.
+
+    Writing a new run into a folder that already holds a run is refused (nothing is overwritten):
+    pass ``resume=True`` to continue it, or choose another ``--out``.
+    """
+
+    def __init__(self, path, *, resume: bool = False, marker: str = "config.json"):
+        self.path = Path(path)
+        if self.path.exists() and (self.path / marker).exists() and not resume:
+            raise FileExistsError(
+                f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: dict, seed: int | None = None) -> None:
+        atomic_write_json(self.path / "config.json", config)
+        atomic_write_json(self.path / "env.json", environment(seed))
+
+    def write_metrics(self, metrics: dict) -> None:
+        atomic_write_json(self.path / "metrics.json", metrics)
+
+    def append_summary(self, row: dict, name: str = "summary.csv") -> None:
+        """Append one row (an epoch) to ``summary.csv``; the header comes from the first row."""
+        path = self.path / name
+        new = not path.exists()
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def truncate_summary(self, epochs_done: int, name: str = "summary.csv") -> None:
+        """Keep the header and the first ``epochs_done`` rows (a resumed run rewrites later ones)."""
+        path = self.path / name
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        atomic_write_bytes(path, "".join(lines[: 1 + epochs_done]).encode())

@@ -1,0 +1,58 @@
+"""Shared bits of the command-line tools: logging set-up, data arguments, JSON config defaults."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr with timestamps; tqdm bars share the terminal."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The dataset options shared by stage one and extraction."""
+    from glag.data import DATASETS
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="fmnist-lt", choices=sorted(DATASETS),
+                   help="fmnist-lt: Fashion-MNIST made long-tailed (Debian package dataset-fashion-mnist); "
+                        "cifar100-lt: the LDAM-DRW protocol on a local CIFAR-100 python folder; "
+                        "list: ImageNet-LT / iNaturalist split files (default: %(default)s)")
+    g.add_argument("--data-root", default=os.environ.get("GLAG_DATA_ROOT"),
+                   help="folder holding the dataset (default: $GLAG_DATA_ROOT, else the dataset's usual place)")
+    g.add_argument("--imbalance-factor", type=float, default=100.0,
+                   help="n_max / n_min of the exponential LT profile (default: %(default)s)")
+    g.add_argument("--n-max", type=int, default=500, help="images of the largest class (default: %(default)s)")
+    g.add_argument("--val-per-class", type=int, default=20,
+                   help="balanced validation images per class, taken from the unused train images "
+                        "(default: %(default)s)")
+    g.add_argument("--train-list", help="list dataset: train split file, one 'relative/path label' a line")
+    g.add_argument("--val-list", help="list dataset: validation split file")
+    g.add_argument("--test-list", help="list dataset: test split file")
+    g.add_argument("--image-root", help="list dataset: folder the paths in the split files are relative to")
+    g.add_argument("--image-size", type=int, default=224, help="list dataset: crop size (default: %(default)s)")
+
+
+def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
+    """``--config run/config.json`` replaces the parser's defaults; flags on the command line still win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    try:
+        with open(known.config) as fh:
+            values = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        parser.error(f"cannot read --config {known.config}: {exc}")
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - dests - {"extra"})
+    if unknown:
+        logging.getLogger(__name__).warning("--config keys not known to this tool, ignored: %s", unknown)
+    parser.set_defaults(**{k: v for k, v in values.items() if k in dests})

@@ -1,0 +1,62 @@
+"""Extract a stage-one model's features, labels and logits (the KD teacher) to one HDF5 file.
+
+    python tools/extract.py --checkpoint runs/fmnist-graloss/best.pt --out feats.h5
+
+The file has groups /train, /val, /test with features (N×d), labels, index and logits (N×C),
+and root attributes (num_classes, feature_dim, class_counts, backbone, checkpoint_sha256, ...).
+It is written to <out>.partial and renamed when complete; if the run is interrupted, the same
+command resumes it. Read it with glag.features.open_features or plain h5py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+if __package__ in (None, ""):
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools._common import setup_logging
+else:
+    from ._common import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glag-extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a stage-one checkpoint (best.pt or last.pt of a run)")
+    p.add_argument("--out", default="feats.h5", help="the feature file to write (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="storage type of the features; float16 halves the file, read back as float32 "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="images per forward pass; a resumed run must use the same (default: %(default)s)")
+    p.add_argument("--data-root", help="where the images are, if not where the stage-one run found them")
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"),
+                   help="which splits to write (default: all three)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing complete --out file")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from glag.extract import extract_features
+
+    path = extract_features(args.checkpoint, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                            data_root=args.data_root, overwrite=args.overwrite, num_workers=args.num_workers,
+                            progress=args.progress, splits=args.splits)
+    print(f"features written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
