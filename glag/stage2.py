@@ -1,0 +1,351 @@
+"""Stage two: a linear classifier on cached, Tukey-transformed features, with AFG and KD (METHOD.md).
+
+One loop for every method; they differ by config (:data:`METHODS` holds the presets):
+
+=========  ==========================  ==============  ==========  =====
+method     how classes reach n_max     support weights  ω           KD
+=========  ==========================  ==============  ==========  =====
+``crt``    resample real features      -               -           no
+``dc``     generate (DC, Yang 2021)    uniform          k/(k+1)     no
+``afg``    generate                    n_i / d_i        adaptive    no
+``glag``   generate                    n_i / d_i        adaptive    yes
+=========  ==========================  ==============  ==========  =====
+
+Each epoch (METHOD.md steps 6-8): every class is topped up to n_max (generated calibrated
+Gaussians around its real samples, or resampled real features for ``crt``), the classifier is
+trained on real ∪ generated with ``CE + τ(t)·KD`` (KD on head-class real samples, teacher = the
+stage-one logits stored in the feature file), then per-class **validation** accuracy moves each
+tail class's ω. The classifier is selected on validation top-1; the test split is used once, at
+the end, and never for ω or selection.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import afg
+from .features import open_features
+from .losses import kd_loss, tau_schedule
+from .metrics import format_table, per_class_accuracy, summarize
+from .runs import RunDir, atomic_torch_save, atomic_write_json, seed_everything
+from .sampling import sample_calibrated
+
+log = logging.getLogger(__name__)
+
+METHODS = {
+    "crt": dict(generate=False, kd=False, adaptive_omega=False, weights="uniform"),
+    "dc": dict(generate=True, kd=False, adaptive_omega=False, weights="uniform", omega_init=None),
+    "afg": dict(generate=True, kd=False, adaptive_omega=True, weights="size_over_distance"),
+    "glag": dict(generate=True, kd=True, adaptive_omega=True, weights="size_over_distance"),
+}
+
+
+@dataclass
+class Stage2Config:
+    """Every knob of a stage-two run; saved as the run's ``config.json``. ``None`` = the method's preset."""
+
+    features: str = "feats.h5"
+    out: str = "runs/stage2"
+    method: str = "glag"
+    generate: bool | None = None
+    kd: bool | None = None
+    adaptive_omega: bool | None = None
+    weights: str | None = None
+    omega_init: float | None = 0.6  # None: DC's k/(k+1)
+    omega_step: float = 0.05
+    omega_reference: str = "best"
+    omega_margin: float = 0.0
+    tukey_lambda: float = 0.5
+    k: int = 2
+    alpha: float = 0.0
+    alpha_mode: str = "diag"
+    head_threshold: int = 100
+    n_max: int | None = None  # top every class up to this; default: the largest class count
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    kd_temperature: float = 2.0
+    kd_schedule: str = "power"
+    kd_alpha: float = 1.0
+    kd_beta: float = 2.0
+    seed: int = 0
+    backend: str | None = None
+    progress: bool = True
+
+    def resolved(self) -> "Stage2Config":
+        """A copy with the method's preset filled in where a field is None."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        values = dataclasses.asdict(self)
+        preset = METHODS[self.method]
+        for key, val in preset.items():
+            if key == "omega_init":
+                values[key] = val
+            elif values[key] is None:
+                values[key] = val
+        if values["omega_init"] is None:
+            values["omega_init"] = afg.dc_omega(self.k)
+        if values["weights"] not in ("uniform", "size_over_distance"):
+            raise ValueError(f"unknown --weights {values['weights']!r}; choose uniform or size_over_distance")
+        if values["alpha_mode"] not in ("all", "diag"):
+            raise ValueError(f"unknown --alpha-mode {values['alpha_mode']!r}; choose all or diag")
+        return Stage2Config(**values)
+
+
+@dataclass
+class CachedSplit:
+    """A split in memory: Tukey-transformed features (N, d) float32, labels (N,) int64, teacher logits or None."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    teacher: torch.Tensor | None
+
+
+def load_splits(path, tukey_lambda: float) -> tuple[object, dict[str, CachedSplit]]:
+    """Open a feature file, load every split and apply the Tukey transform (METHOD.md step 1)."""
+    ff = open_features(path)
+    if "train" not in ff.splits:
+        raise ValueError(f"{path} has no /train split; stage two needs the training features")
+    splits = {}
+    for name in ff.splits:
+        s = ff.load(name)
+        x = afg.tukey(torch.from_numpy(np.ascontiguousarray(s.features)), tukey_lambda)
+        teacher = torch.from_numpy(s.logits) if s.logits is not None else None
+        splits[name] = CachedSplit(x.float(), torch.from_numpy(s.labels).long(), teacher)
+    return ff, splits
+
+
+class EpochBuilder:
+    """Builds one epoch's training set: real features plus what tops every class up to n_max.
+
+    Holds what is fixed across epochs (class statistics, support sets and weights, computed
+    once) and regenerates the samples each epoch from the current ω (METHOD.md steps 2-7).
+    """
+
+    def __init__(self, cfg: Stage2Config, train: CachedSplit, counts: np.ndarray):
+        self.cfg = cfg
+        self.train = train
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.num_classes = len(self.counts)
+        self.n_max = int(cfg.n_max or self.counts.max())
+        self.head_ids, self.tail_ids = afg.split_head_tail(self.counts, cfg.head_threshold, self.n_max)
+        head_set = set(self.head_ids.tolist())
+        self.is_head = torch.tensor([c in head_set for c in range(self.num_classes)])
+        self.rng = np.random.default_rng([cfg.seed, 2])  # stream for allocation / resampling
+        if not cfg.generate:
+            return
+        self.stats = afg.class_statistics(train.x, train.y, self.num_classes)
+        tail_mask = torch.isin(train.y, torch.as_tensor(self.tail_ids))
+        self.seed_rows = torch.nonzero(tail_mask).flatten()
+        if len(self.seed_rows) == 0:
+            log.info("no class has fewer than n_max=%d samples: nothing to generate", self.n_max)
+            return
+        queries = train.x[self.seed_rows]
+        qlabels = train.y[self.seed_rows]
+        head_means = self.stats.means[self.head_ids]
+        self.support, dist2 = afg.find_support(queries, head_means, self.head_ids, cfg.k, qlabels)
+        self.weights = afg.support_weights(dist2, self.support, self.counts, cfg.weights)
+
+    def build(self, epoch: int, omega: "afg.AdaptiveOmega | None") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (x (M, d) float32, y (M,) int64, kd_mask (M,) bool) for one epoch; M = C·n_max."""
+        tr, cfg = self.train, self.cfg
+        xs, ys, real = [tr.x], [tr.y], [torch.ones(len(tr.y), dtype=torch.bool)]
+        if not cfg.generate:
+            # cRT: class-balanced resampling of real features up to n_max
+            for c in range(self.num_classes):
+                short = self.n_max - int(self.counts[c])
+                if short > 0:
+                    rows = np.flatnonzero(tr.y.numpy() == c)
+                    pick = torch.as_tensor(self.rng.choice(rows, size=short, replace=True))
+                    xs.append(tr.x[pick])
+                    ys.append(tr.y[pick])
+                    real.append(torch.zeros(short, dtype=torch.bool))
+        elif len(self.seed_rows):
+            qlabels = tr.y[self.seed_rows]
+            n = afg.allocate_counts(qlabels.numpy(), self.n_max, self.counts, self.rng)
+            keep = torch.as_tensor(n) > 0
+            w = omega.omega_for(qlabels[keep].numpy()) if omega is not None else np.float32(cfg.omega_init)
+            mu = afg.calibrate_means(tr.x[self.seed_rows[keep]], self.support[keep], self.weights[keep],
+                                     self.stats.means, torch.as_tensor(w, dtype=torch.float32))
+            gx, gy = sample_calibrated(self.stats.bank, mu, self.support[keep], self.weights[keep],
+                                       torch.as_tensor(n)[keep], qlabels[keep], alpha=cfg.alpha,
+                                       mode=cfg.alpha_mode, seed=_mix(cfg.seed, epoch), backend=cfg.backend)
+            xs.append(gx.float())
+            ys.append(gy)
+            real.append(torch.zeros(len(gy), dtype=torch.bool))
+        x, y, is_real = torch.cat(xs), torch.cat(ys), torch.cat(real)
+        kd_mask = is_real & self.is_head[y]
+        return x, y, kd_mask
+
+
+def _mix(seed: int, epoch: int) -> int:
+    """A 64-bit sampler seed per (run seed, epoch): a separate RNG stream for feature sampling."""
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + 1) & 0xFFFFFFFFFFFFFFFF
+
+
+def _predict(head: torch.nn.Linear, x: torch.Tensor, batch: int = 65536) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([head(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+
+def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict:
+    """Run stage two as ``cfg`` says; returns the metrics written to ``metrics.json``.
+
+    The run folder ``cfg.out`` receives config.json, env.json, summary.csv, omega.json, last.pt,
+    best.pt (the classifier chosen on val) and metrics.json (per-class accuracies included, for plots).
+    """
+    cfg = cfg.resolved()
+    run = RunDir(cfg.out, resume=resume)
+    seed_everything(cfg.seed)
+    ff, splits = load_splits(cfg.features, cfg.tukey_lambda)
+    counts = np.asarray(ff.class_counts, dtype=np.int64)
+    C, d = ff.num_classes, ff.feature_dim
+    train = splits["train"]
+    val = splits.get("val")
+    if val is None:
+        raise ValueError(f"{cfg.features} has no /val split: stage two selects its classifier and moves ω on "
+                         f"validation accuracy, never on test. Re-extract with the val split "
+                         f"(tools/extract.py writes train, val and test)")
+    use_kd = cfg.kd and train.teacher is not None
+    if cfg.kd and not use_kd:
+        log.warning("%s has no teacher logits in /train: KD is off for this run (re-extract with "
+                    "tools/extract.py to get them)", cfg.features)
+
+    builder = EpochBuilder(cfg, train, counts)
+    omega = None
+    if cfg.generate and cfg.adaptive_omega:
+        omega = afg.AdaptiveOmega(C, builder.tail_ids, init=cfg.omega_init, step=cfg.omega_step,
+                                  reference=cfg.omega_reference, margin=cfg.omega_margin)
+    teacher = train.teacher if use_kd else None
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head = torch.nn.Linear(d, C)
+    optimizer = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    m_epoch = C * builder.n_max
+    steps_per_epoch = math.ceil(m_epoch / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    start_epoch, best_val, best_epoch = 0, -1.0, 0
+    last_path, best_path = run / "last.pt", run / "best.pt"
+    if resume and last_path.exists():
+        ck = torch.load(last_path, map_location="cpu", weights_only=True)
+        head.load_state_dict(ck["head"])
+        optimizer.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        builder.rng.bit_generator.state = _restore_rng(ck["numpy_rng"])
+        if omega is not None:
+            omega.load_state_dict(ck["omega"])
+        start_epoch, best_val, best_epoch = ck["epoch"], ck["best_val"], ck["best_epoch"]
+        run.truncate_summary(start_epoch)
+        log.info("resuming %s after epoch %d", cfg.out, start_epoch)
+    else:
+        run.write_config({**dataclasses.asdict(cfg), "n_max_resolved": builder.n_max,
+                          "head_classes": builder.head_ids.tolist(), "tail_classes": builder.tail_ids.tolist()},
+                         cfg.seed)
+
+    # the real-sample part of the epoch is the same every epoch; keep teacher rows aligned with it
+    n_real = len(train.y)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"stage two ({cfg.method})", unit="epoch",
+               disable=not cfg.progress, initial=start_epoch, total=cfg.epochs)
+    for epoch in bar:
+        t0 = time.time()
+        x, y, kd_mask = builder.build(epoch, omega)
+        t_gen = time.time() - t0
+        perm = torch.randperm(len(y), generator=gen)
+        tau = tau_schedule(epoch, cfg.epochs, cfg.kd_schedule, cfg.kd_alpha, cfg.kd_beta) if use_kd else 0.0
+        ce_sum = kd_sum = 0.0
+        for i in range(0, len(perm), cfg.batch_size):
+            step = epoch * steps_per_epoch + i // cfg.batch_size
+            lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            b = perm[i:i + cfg.batch_size]
+            z = head(x[b])
+            ce = F.cross_entropy(z, y[b])
+            loss = ce
+            if use_kd:
+                mb = kd_mask[b]
+                if mb.any():
+                    # real rows come first in x, in file order: row i's teacher is teacher[i]
+                    kd = kd_loss(z[mb], teacher[b[mb]], cfg.kd_temperature)
+                    loss = ce + tau * kd
+                    kd_sum += kd.item() * int(mb.sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ce_sum += ce.item() * len(b)
+        pred_val = _predict(head, val.x)
+        val_m = summarize(pred_val.numpy(), val.y.numpy(), counts)
+        improved = val_m["top1"] > best_val
+        if improved:
+            best_val, best_epoch = val_m["top1"], epoch + 1
+        if omega is not None:
+            omega.update(per_class_accuracy(pred_val.numpy(), val.y.numpy(), C))
+        state = {"head": head.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "best_val": best_val, "best_epoch": best_epoch, "generator": gen.get_state(),
+                 "numpy_rng": _save_rng(builder.rng), "omega": omega.state_dict() if omega is not None else {},
+                 "tukey_lambda": cfg.tukey_lambda, "num_classes": C, "feature_dim": d}
+        if improved:
+            atomic_torch_save(state, best_path)
+        atomic_torch_save(state, last_path)
+        row = {"epoch": epoch + 1, "lr": lr, "kd_tau": tau, "ce": ce_sum / len(y),
+               "kd": kd_sum / max(1, int(kd_mask.sum())), "samples": len(y), "generated": len(y) - n_real,
+               **{f"val_{k}": v for k, v in val_m.items()},
+               "mean_omega": float(np.mean(omega.omega[builder.tail_ids])) if omega is not None else float("nan"),
+               "gen_seconds": t_gen, "seconds": time.time() - t0}
+        run.append_summary(row)
+        bar.set_postfix(val=f"{val_m['top1']:.2f}", best=f"{best_val:.2f}")
+    bar.close()
+    return finish_stage2(cfg, run, ff, splits, counts, best_path, omega, builder)
+
+
+def _save_rng(rng: np.random.Generator) -> dict:
+    st = rng.bit_generator.state
+    return {"bit_generator": st["bit_generator"], "state": str(st["state"]["state"]),
+            "inc": str(st["state"]["inc"]), "has_uint32": st["has_uint32"], "uinteger": st["uinteger"]}
+
+
+def _restore_rng(saved: dict) -> dict:
+    return {"bit_generator": saved["bit_generator"],
+            "state": {"state": int(saved["state"]), "inc": int(saved["inc"])},
+            "has_uint32": saved["has_uint32"], "uinteger": saved["uinteger"]}
+
+
+def finish_stage2(cfg, run, ff, splits, counts, best_path, omega, builder) -> dict:
+    """Evaluate the selected classifier once on val and test; write metrics.json and omega.json."""
+    C = ff.num_classes
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    head = torch.nn.Linear(ff.feature_dim, C)
+    head.load_state_dict(best["head"])
+    metrics = {"method": cfg.method, "best_epoch": best["best_epoch"], "selected_on": "val",
+               "class_counts": counts.tolist(), "stage1": {}, "stage2": {}, "per_class": {}}
+    for name in ("val", "test"):
+        s = splits.get(name)
+        if s is None:
+            continue
+        pred = _predict(head, s.x).numpy()
+        metrics["stage2"][name] = summarize(pred, s.y.numpy(), counts)
+        metrics["per_class"][f"stage2_{name}"] = per_class_accuracy(pred, s.y.numpy(), C).tolist()
+        if s.teacher is not None:
+            p1 = s.teacher.argmax(1).numpy()
+            metrics["stage1"][name] = summarize(p1, s.y.numpy(), counts)
+            metrics["per_class"][f"stage1_{name}"] = per_class_accuracy(p1, s.y.numpy(), C).tolist()
+    if omega is not None:
+        atomic_write_json(run / "omega.json", {"tail_classes": builder.tail_ids.tolist(),
+                                               "history": [h.tolist() for h in omega.history]})
+    run.write_metrics(metrics)
+    rows = {f"stage1 {k}": v for k, v in metrics["stage1"].items()}
+    rows.update({f"{cfg.method} {k}": v for k, v in metrics["stage2"].items()})
+    log.info("best epoch %d (chosen on val)\n%s", best["best_epoch"], format_table(rows))
+    return metrics
