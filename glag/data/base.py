@@ -1,0 +1,280 @@
+"""Splits, the dataset container and deterministic batch iteration.
+
+A *split* (train / val / test) is a list of rows. Row ``r`` has a label ``split.labels[r]`` and a
+source index ``split.index[r]`` (its index in the source dataset, or its line index in a list
+file). ``split.load_batch(ids, augment, seed)`` turns rows into a normalised float batch.
+
+RNG streams (STYLE.md habit 5): the LT subset / validation draw is made by the dataset builders
+from ``seed``; the order and augmentation of batches come from :func:`batch_order` and
+:func:`batch_seed`, pure functions of ``(seed, epoch[, batch])`` on their own ``SeedSequence``
+stream, so a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import transforms as T
+
+logger = logging.getLogger(__name__)
+
+ENV_DATA_ROOT = "GLAG_DATA_ROOT"
+
+# Tags that keep the data-order and augmentation streams apart from each other (and from any
+# other use of the same seed). Arbitrary constants; changing them changes every batch.
+_ORDER_STREAM = 0x0DA7A
+_AUG_STREAM = 0xA0C
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where they were looked for; the message says how to get them."""
+
+
+class DatasetCorruptError(ValueError):
+    """A dataset file exists but is not what it should be (bad magic number, truncated, ...)."""
+
+
+def resolve_root(root: str | os.PathLike | None, default: str | os.PathLike) -> Path:
+    """Data root: ``root`` argument, else ``$GLAG_DATA_ROOT``, else ``default``."""
+    if root is not None and str(root) != "":
+        return Path(root).expanduser()
+    env = os.environ.get(ENV_DATA_ROOT)
+    if env:
+        return Path(env).expanduser()
+    return Path(default).expanduser()
+
+
+# --------------------------------------------------------------------------- splits
+class Split:
+    """Rows of one split. Subclasses implement :meth:`load_batch`.
+
+    Attributes:
+        name: ``"train"``, ``"val"`` or ``"test"``.
+        labels: np.int64 [N], class of each row.
+        index: np.int64 [N], the row's index in its source dataset / line index in its list file.
+        in_memory: True when images are held as one uint8 tensor (batched augmentation).
+    """
+
+    in_memory = False
+
+    def __init__(self, name: str, labels: np.ndarray, index: np.ndarray):
+        self.name = name
+        self.labels = np.ascontiguousarray(labels, dtype=np.int64)
+        self.index = np.ascontiguousarray(index, dtype=np.int64)
+        if self.labels.shape != self.index.shape or self.labels.ndim != 1:
+            raise ValueError(f"labels {self.labels.shape} and index {self.index.shape} must be "
+                             "1-D of equal length")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def load_batch(self, ids: np.ndarray, augment: bool, seed: int) -> torch.Tensor:
+        """Rows ``ids`` (int64 [B], positions in this split) -> float32 [B, C, H, W], normalised
+        with the dataset's mean/std. With ``augment`` the random views are a pure function of
+        ``seed`` (a non-negative int); without it ``seed`` is ignored."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, n={len(self)})"
+
+
+class TensorSplit(Split):
+    """A split whose images live in memory as one uint8 tensor [N, C, H, W].
+
+    Augmentation (zero-padded random crop by ``pad`` + horizontal flip) is done on the whole
+    batch at once by :func:`glag.data.transforms.random_crop_flip`.
+    """
+
+    in_memory = True
+
+    def __init__(self, name: str, images: np.ndarray | torch.Tensor, labels: np.ndarray,
+                 index: np.ndarray, mean: Sequence[float], std: Sequence[float], pad: int):
+        super().__init__(name, labels, index)
+        if isinstance(images, np.ndarray):  # own, writable, contiguous copy for torch
+            images = torch.from_numpy(np.require(images, requirements=["C", "W", "O"]))
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] != len(self):
+            raise ValueError(f"images must be uint8 [N={len(self)}, C, H, W], got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        if images.shape[1] != len(mean) or len(mean) != len(std):
+            raise ValueError(f"{images.shape[1]} channels but mean/std of length "
+                             f"{len(mean)}/{len(std)}")
+        self.images = images
+        self.mean, self.std, self.pad = tuple(mean), tuple(std), int(pad)
+
+    def load_batch(self, ids: np.ndarray, augment: bool, seed: int) -> torch.Tensor:
+        """Rows ``ids`` (int64 [B]) -> float32 [B, C, H, W]; see :meth:`Split.load_batch`."""
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        x = self.images[ids]
+        if augment:
+            g = torch.Generator().manual_seed(int(seed))
+            x = T.random_crop_flip(x, self.pad, g)
+        return T.normalize_uint8(x, self.mean, self.std)
+
+
+class FileSplit(Split):
+    """A split of image files read with PIL (list-file datasets).
+
+    Training view: random-resized crop to ``image_size`` + flip; eval view: resize the shorter
+    side to ``image_size*256/224`` then centre crop. Each batch draws from one
+    ``np.random.default_rng(seed)``, rows in the order given.
+    """
+
+    def __init__(self, name: str, paths: Sequence[str], labels: np.ndarray, index: np.ndarray,
+                 image_size: int, mean: Sequence[float] = T.IMAGENET_MEAN,
+                 std: Sequence[float] = T.IMAGENET_STD):
+        super().__init__(name, labels, index)
+        if len(paths) != len(self):
+            raise ValueError(f"{len(paths)} paths for {len(self)} labels")
+        self.paths = list(paths)
+        self.image_size = int(image_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def load_batch(self, ids: np.ndarray, augment: bool, seed: int) -> torch.Tensor:
+        """Rows ``ids`` (int64 [B]) -> float32 [B, 3, S, S]; see :meth:`Split.load_batch`."""
+        from PIL import Image
+
+        ids = np.asarray(ids, dtype=np.int64)
+        rng = np.random.default_rng(int(seed)) if augment else None
+        out = torch.empty((len(ids), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        for k, r in enumerate(ids):
+            with Image.open(self.paths[r]) as im:
+                img = im.convert("RGB")
+            out[k] = (T.train_transform_pil(img, self.image_size, rng) if augment
+                      else T.eval_transform_pil(img, self.image_size))
+        return T.normalize_uint8(out, self.mean, self.std)
+
+
+# --------------------------------------------------------------------------- dataset container
+@dataclass
+class LTDataset:
+    """A built dataset: three splits plus metadata.
+
+    Attributes:
+        name: registry name (``"fmnist-lt"``, ``"cifar100-lt"``, ``"list"``).
+        num_classes: C.
+        in_channels: 1 (Fashion-MNIST) or 3.
+        image_size: side of the square images a batch holds.
+        train, val, test: :class:`Split` objects.
+        class_names: optional list of C names.
+        config: the resolved build arguments (root, IF, n_max, seed, ...), to save with a run.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train: Split
+    val: Split
+    test: Split
+    class_names: list[str] | None = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """Training images per class, np.int64 [C], computed from ``train.labels``."""
+        return np.bincount(self.train.labels, minlength=self.num_classes).astype(np.int64)
+
+    @property
+    def indices(self) -> dict[str, np.ndarray]:
+        """Source indices per split, ``{"train"|"val"|"test": np.int64 [N]}`` (for np.savez)."""
+        return {s.name: s.index.copy() for s in (self.train, self.val, self.test)}
+
+    def describe(self) -> str:
+        """One line: name, classes, train counts (all of them up to 20 classes, else max /
+        median / min), actual imbalance ratio, split sizes."""
+        c = self.class_counts
+        if self.num_classes <= 20:
+            counts = "[" + ", ".join(str(int(v)) for v in c) + "]"
+        else:
+            counts = f"max {int(c.max())}, median {int(np.median(c))}, min {int(c.min())}"
+        ratio = f"{c.max() / c.min():.1f}" if c.min() > 0 else "inf"
+        return (f"{self.name}: {self.num_classes} classes, train {len(self.train)} "
+                f"(counts {counts}; max/min {ratio}), val {len(self.val)}, test {len(self.test)}")
+
+
+# --------------------------------------------------------------------------- batch iteration
+def batch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """Row order of one epoch, np.int64 [n]: ``arange(n)`` without shuffle, else a permutation
+    that depends only on ``(seed, epoch)``."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([_ORDER_STREAM, int(seed), int(epoch)]))
+    return rng.permutation(n).astype(np.int64)
+
+
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """Augmentation seed of batch ``batch`` of ``epoch``: a 63-bit int from ``(seed, epoch,
+    batch)`` on a stream separate from :func:`batch_order`."""
+    ss = np.random.SeedSequence([_AUG_STREAM, int(seed), int(epoch), int(batch)])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def num_batches(split: Split, batch_size: int, drop_last: bool = False) -> int:
+    """Batches per epoch of :func:`iterate_batches` (for progress bars and resume)."""
+    n = len(split)
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+class _BatchItems(Dataset):
+    """Map-style dataset whose item ``k`` is a whole batch (for DataLoader workers)."""
+
+    def __init__(self, split: Split, batches: list[np.ndarray], seeds: list[int], augment: bool):
+        self.split, self.batches, self.seeds, self.augment = split, batches, seeds, augment
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        ids = self.batches[k]
+        x = self.split.load_batch(ids, self.augment, self.seeds[k])
+        return (x, torch.from_numpy(self.split.labels[ids]),
+                torch.from_numpy(self.split.index[ids]))
+
+
+def iterate_batches(split: Split, batch_size: int, *, shuffle: bool, augment: bool, seed: int,
+                    epoch: int = 0, start_batch: int = 0, num_workers: int = 0,
+                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]]:
+    """Deterministic batches of one epoch.
+
+    Order (:func:`batch_order`) and augmentation (:func:`batch_seed`, one seed per batch) depend
+    only on ``(seed, epoch)``, so batch ``b`` is the same whether the epoch is run from the start
+    or resumed with ``start_batch=b`` (which skips without loading anything).
+
+    Args:
+        split: a :class:`Split`.
+        batch_size: rows per batch (the last one may be smaller unless ``drop_last``).
+        shuffle: False keeps rows in split order (feature extraction relies on this).
+        augment: apply the training transform.
+        seed, epoch: the run's seed and the epoch number.
+        start_batch: first batch to yield (0-based).
+        num_workers: DataLoader workers for file splits (items are whole batches, each loaded
+            with its own seed, so the result does not depend on the worker count). In-memory
+            splits are augmented batched on tensors in the calling process and ignore it.
+        drop_last: drop a final partial batch.
+
+    Yields:
+        ``(x, y, idx)``: float32 [B, C, H, W], int64 [B] labels, int64 [B] ``split.index`` rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = batch_order(len(split), shuffle, seed, epoch)
+    nb = num_batches(split, batch_size, drop_last)
+    todo = range(max(int(start_batch), 0), nb)
+    batches = [order[b * batch_size:(b + 1) * batch_size] for b in todo]
+    seeds = [batch_seed(seed, epoch, b) for b in todo]
+    items = _BatchItems(split, batches, seeds, augment)
+    if split.in_memory or num_workers <= 0:
+        for k in range(len(items)):
+            yield items[k]
+        return
+    loader = DataLoader(items, batch_size=None, shuffle=False,
+                                         num_workers=num_workers)
+    yield from loader

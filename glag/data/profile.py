@@ -1,0 +1,42 @@
+"""Long-tailed class-count profiles.
+
+The exponential profile of Cui et al. (2019) as used by LDAM-DRW for CIFAR-LT, and by glag for
+every LT subset it draws: class ``i`` keeps ``n_i = int(n_max * (1/IF) ** (i / (C - 1)))``
+images, so class 0 is the head (``n_max``) and class ``C-1`` the tail (``n_max / IF``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def lt_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[int]:
+    """Per-class image counts of the exponential long-tailed profile.
+
+    ``n_i = int(n_max * (1/IF) ** (i / (C - 1)))`` for ``i = 0 .. C-1``, computed in float64
+    exactly as LDAM-DRW's ``get_img_num_per_cls`` does (``int`` truncates).
+
+    Args:
+        num_classes: C >= 1.
+        n_max: images of the head class (class 0), >= 1.
+        imbalance_factor: IF = n_max / n_min >= 1 (1 gives a balanced profile).
+
+    Returns:
+        list of C Python ints, non-increasing. Fashion-MNIST default
+        (C=10, n_max=500, IF=100): ``[500, 299, 179, 107, 64, 38, 23, 13, 8, 5]``.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if n_max < 1:
+        raise ValueError(f"n_max must be >= 1, got {n_max}")
+    if not imbalance_factor >= 1.0:
+        raise ValueError(f"imbalance_factor must be >= 1, got {imbalance_factor}")
+    if num_classes == 1:
+        return [int(n_max)]
+    ratio = 1.0 / float(imbalance_factor)
+    return [int(n_max * ratio ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+
+
+def profile_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class: ``np.bincount`` of ``labels`` (int [N]) as np.int64 [num_classes]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return np.bincount(labels, minlength=num_classes).astype(np.int64)
