@@ -48,8 +48,7 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
         import torch
 
         model = model.to(memory_format=torch.channels_last)
-    attrs = {"num_classes": data.num_classes, "feature_dim": model.feature_dim, "class_counts": counts,
-             "backbone": ckpt["arch"], "checkpoint_sha256": sha256_file(checkpoint), "dataset": data.name,
+    attrs = {"class_counts": counts, "backbone": ckpt["arch"], "checkpoint_sha256": sha256_file(checkpoint), "dataset": data.name,
              "created_by": f"glag {glag.__version__}", "stage1_loss": cfg.loss, "seed": cfg.seed,
              "imbalance_factor": cfg.imbalance_factor}
     split_objs = {name: getattr(data, name) for name in splits}

@@ -7,6 +7,7 @@ interrupted run never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import logging
 import os
@@ -90,12 +91,17 @@ def environment(seed: int | None = None) -> dict:
     import glag
 
     versions = {}
-    for name in ("torch", "numpy", "numba", "faiss", "h5py", "cupy"):
-        try:
-            mod = __import__(name)
-            versions[name] = getattr(mod, "__version__", "unknown")
-        except Exception:  # noqa: BLE001 - optional packages may be absent or broken
-            versions[name] = None
+    # read installed versions from package metadata: importing faiss or cupy here would be slow
+    for name, dists in (("torch", ["torch"]), ("numpy", ["numpy"]), ("numba", ["numba"]),
+                        ("faiss", ["faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss"]), ("h5py", ["h5py"]),
+                        ("cupy", ["cupy-cuda12x", "cupy-cuda11x", "cupy"])):
+        versions[name] = None
+        for dist in dists:
+            try:
+                versions[name] = f"{importlib.metadata.version(dist)} ({dist})"
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return {
         "glag": glag.__version__,
         "commit": git_commit(),
