@@ -20,6 +20,7 @@ the end, and never for ω or selection.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -81,6 +82,7 @@ class Stage2Config:
     kd_beta: float = 2.0
     seed: int = 0
     backend: str | None = None
+    threads: int | None = None  # torch threads for the classifier; None: 1 for small heads (d·C ≤ 2^20)
     progress: bool = True
 
     def resolved(self) -> "Stage2Config":
@@ -199,13 +201,36 @@ def _predict(head: torch.nn.Linear, x: torch.Tensor, batch: int = 65536) -> torc
         return torch.cat([head(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the body with ``n`` torch threads (None: unchanged), then restore the previous count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict:
     """Run stage two as ``cfg`` says; returns the metrics written to ``metrics.json``.
+
+    A linear head of a few thousand parameters is far too small for intra-op threading: its
+    steps run several times faster on one thread (and much faster on a busy machine), so small
+    heads train single-threaded unless ``cfg.threads`` says otherwise.
 
     The run folder ``cfg.out`` receives config.json, env.json, summary.csv, omega.json, last.pt,
     best.pt (the classifier chosen on val) and metrics.json (per-class accuracies included, for plots).
     """
     cfg = cfg.resolved()
+    with open_features(cfg.features) as ff:
+        small = ff.feature_dim * ff.num_classes <= 2 ** 20
+    with torch_threads(cfg.threads or (1 if small else None)):
+        return _train_stage2(cfg, resume)
+
+
+def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
     run = RunDir(cfg.out, resume=resume)
     seed_everything(cfg.seed)
     ff, splits = load_splits(cfg.features, cfg.tukey_lambda)
