@@ -11,8 +11,9 @@ method     how classes reach n_max     support weights  ω           KD
 ``glag``   generate                    n_i / d_i        adaptive    yes
 =========  ==========================  ==============  ==========  =====
 
-Each epoch (METHOD.md steps 6-8): every class is topped up to n_max (generated calibrated
-Gaussians around its real samples, or resampled real features for ``crt``), the classifier is
+Each epoch (METHOD.md steps 6-8): every class is topped up to n_max: a tail class (n_c at most
+the head threshold) with calibrated Gaussians generated around its real samples, a head class by
+resampling its real features (``crt`` resamples every class); the classifier is
 trained on real ∪ generated with ``CE + τ(t)·KD`` (KD on head-class real samples, teacher = the
 stage-one logits stored in the feature file), then per-class **validation** accuracy moves each
 tail class's ω. The classifier is selected on validation top-1; the test split is used once, at
@@ -141,18 +142,25 @@ class EpochBuilder:
         self.counts = np.asarray(counts, dtype=np.int64)
         self.num_classes = len(self.counts)
         self.n_max = int(cfg.n_max or self.counts.max())
-        self.head_ids, self.tail_ids = afg.split_head_tail(self.counts, cfg.head_threshold, self.n_max)
+        self.head_ids, below = afg.split_head_tail(self.counts, cfg.head_threshold, self.n_max)
         head_set = set(self.head_ids.tolist())
         self.is_head = torch.tensor([c in head_set for c in range(self.num_classes)])
+        # METHOD.md step 6 [paper]: tail classes are topped up with generated samples, head classes
+        # below n_max by resampling their real features (cRT resamples every class)
+        if cfg.generate:
+            self.tail_ids = torch.as_tensor([c for c in below.tolist() if c not in head_set], dtype=torch.int64)
+        else:
+            self.tail_ids = torch.zeros(0, dtype=torch.int64)
+        tail_set = set(self.tail_ids.tolist())
+        self.resample_ids = [c for c in below.tolist() if c not in tail_set]
         self.rng = np.random.default_rng([cfg.seed, 2])  # stream for allocation / resampling
-        if not cfg.generate:
+        self.seed_rows = torch.zeros(0, dtype=torch.int64)
+        if not len(self.tail_ids):
+            if cfg.generate:
+                log.info("no tail class below n_max=%d: nothing to generate", self.n_max)
             return
         self.stats = afg.class_statistics(train.x, train.y, self.num_classes)
-        tail_mask = torch.isin(train.y, torch.as_tensor(self.tail_ids))
-        self.seed_rows = torch.nonzero(tail_mask).flatten()
-        if len(self.seed_rows) == 0:
-            log.info("no class has fewer than n_max=%d samples: nothing to generate", self.n_max)
-            return
+        self.seed_rows = torch.nonzero(torch.isin(train.y, self.tail_ids)).flatten()
         queries = train.x[self.seed_rows]
         qlabels = train.y[self.seed_rows]
         head_means = self.stats.means[self.head_ids]
@@ -163,17 +171,15 @@ class EpochBuilder:
         """Return (x (M, d) float32, y (M,) int64, kd_mask (M,) bool) for one epoch; M = C·n_max."""
         tr, cfg = self.train, self.cfg
         xs, ys, real = [tr.x], [tr.y], [torch.ones(len(tr.y), dtype=torch.bool)]
-        if not cfg.generate:
-            # cRT: class-balanced resampling of real features up to n_max
-            for c in range(self.num_classes):
-                short = self.n_max - int(self.counts[c])
-                if short > 0:
-                    rows = np.flatnonzero(tr.y.numpy() == c)
-                    pick = torch.as_tensor(self.rng.choice(rows, size=short, replace=True))
-                    xs.append(tr.x[pick])
-                    ys.append(tr.y[pick])
-                    real.append(torch.zeros(short, dtype=torch.bool))
-        elif len(self.seed_rows):
+        labels = tr.y.numpy()
+        for c in self.resample_ids:
+            # class-balanced resampling of real features up to n_max
+            short = self.n_max - int(self.counts[c])
+            pick = torch.as_tensor(self.rng.choice(np.flatnonzero(labels == c), size=short, replace=True))
+            xs.append(tr.x[pick])
+            ys.append(tr.y[pick])
+            real.append(torch.zeros(short, dtype=torch.bool))
+        if len(self.seed_rows):
             qlabels = tr.y[self.seed_rows]
             n = afg.allocate_counts(qlabels.numpy(), self.n_max, self.counts, self.rng)
             keep = torch.as_tensor(n) > 0
@@ -249,7 +255,7 @@ def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
 
     builder = EpochBuilder(cfg, train, counts)
     omega = None
-    if cfg.generate and cfg.adaptive_omega:
+    if cfg.generate and cfg.adaptive_omega and len(builder.tail_ids):
         omega = afg.AdaptiveOmega(C, builder.tail_ids, init=cfg.omega_init, step=cfg.omega_step,
                                   reference=cfg.omega_reference, margin=cfg.omega_margin)
     teacher = train.teacher if use_kd else None
@@ -276,7 +282,8 @@ def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
         log.info("resuming %s after epoch %d", cfg.out, start_epoch)
     else:
         run.write_config({**dataclasses.asdict(cfg), "n_max_resolved": builder.n_max,
-                          "head_classes": builder.head_ids.tolist(), "tail_classes": builder.tail_ids.tolist()},
+                          "head_classes": builder.head_ids.tolist(), "generated_classes": builder.tail_ids.tolist(),
+                          "resampled_classes": builder.resample_ids},
                          cfg.seed)
 
     # the real-sample part of the epoch is the same every epoch; keep teacher rows aligned with it

@@ -1,0 +1,207 @@
+"""Stage two end to end on small synthetic feature files: methods, outputs, resume, bad input."""
+import json
+import logging
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from glag.stage2 import METHODS, Stage2Config, train_stage2
+from glag.synthetic import write_synthetic_features
+
+COUNTS = [300, 200, 120, 60, 30, 12, 6, 3]  # head (> 100): classes 0-2
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory):
+    path = tmp_path_factory.mktemp("s2") / "feats.h5"
+    return write_synthetic_features(path, COUNTS, 16, val_per_class=20, test_per_class=40, seed=3)
+
+
+def cfg(feats, out, **kw):
+    base = dict(features=str(feats), out=str(out), epochs=4, batch_size=128, backend="torch", progress=False)
+    base.update(kw)
+    return Stage2Config(**base)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_and_reports(feats, tmp_path, method):
+    m = train_stage2(cfg(feats, tmp_path / method, method=method))
+    assert set(m["stage2"]) == {"val", "test"} and set(m["stage1"]) == {"val", "test"}
+    for split in ("val", "test"):
+        for key in ("top1", "many", "medium", "few"):
+            assert 0.0 <= m["stage2"][split][key] <= 100.0
+    # far above chance (12.5 %) on this separable problem
+    assert m["stage2"]["test"]["top1"] > 40.0
+    assert m["selected_on"] == "val" and 1 <= m["best_epoch"] <= 4
+    rows = (tmp_path / method / "summary.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4
+    cfg_saved = json.loads((tmp_path / method / "config.json").read_text())
+    assert cfg_saved["method"] == method and cfg_saved["n_max_resolved"] == 300
+    assert cfg_saved["head_classes"] == [0, 1, 2]
+    generated = [] if method == "crt" else [3, 4, 5, 6, 7]
+    assert cfg_saved["generated_classes"] == generated
+    assert cfg_saved["resampled_classes"] == [c for c in range(1, 8) if c not in generated]
+    env = json.loads((tmp_path / method / "env.json").read_text())
+    assert env["seed"] == 0 and "torch" in env["versions"]
+    has_omega = (tmp_path / method / "omega.json").exists()
+    assert has_omega == METHODS[method]["adaptive_omega"]
+
+
+def test_presets_resolve_as_documented():
+    dc = Stage2Config(method="dc", k=3).resolved()
+    assert dc.omega_init == pytest.approx(3 / 4) and dc.weights == "uniform" and not dc.kd and dc.generate
+    crt = Stage2Config(method="crt").resolved()
+    assert not crt.generate and not crt.kd
+    glag = Stage2Config(method="glag").resolved()
+    assert glag.kd and glag.adaptive_omega and glag.weights == "size_over_distance" and glag.omega_init == 0.6
+    # an explicit value beats the preset
+    assert not Stage2Config(method="glag", kd=False).resolved().kd
+    with pytest.raises(ValueError, match="unknown method"):
+        Stage2Config(method="ldam").resolved()
+
+
+def test_every_class_is_topped_up_to_n_max(feats, tmp_path):
+    from glag.stage2 import EpochBuilder, load_splits
+
+    ff, splits = load_splits(feats, 0.5)
+    for method in ("crt", "glag"):
+        c = Stage2Config(features=str(feats), method=method, backend="torch").resolved()
+        b = EpochBuilder(c, splits["train"], ff.class_counts)
+        x, y, kd_mask = b.build(0, None)
+        assert np.bincount(y.numpy()).tolist() == [300] * len(COUNTS)
+        assert torch.isfinite(x).all()
+        # KD only on real samples of head classes, which come first in file order
+        n_real = len(splits["train"].y)
+        assert not kd_mask[n_real:].any()
+        assert kd_mask[:n_real].sum() == 300 + 200 + 120
+
+
+def test_adaptive_omega_trajectory_is_saved(feats, tmp_path):
+    out = tmp_path / "glag"
+    train_stage2(cfg(feats, out, method="glag", epochs=5))
+    om = json.loads((out / "omega.json").read_text())
+    hist = np.array(om["history"])
+    assert hist.shape == (6, len(COUNTS))  # the initial ω plus one row per epoch
+    assert np.allclose(hist[0, om["tail_classes"]], 0.6)
+    assert ((hist >= 0) & (hist <= 1)).all()
+    # steps are multiples of 0.05 away from the initial value
+    delta = (hist[:, om["tail_classes"]] - 0.6) / 0.05
+    assert np.allclose(delta, np.round(delta), atol=1e-4)
+
+
+def test_resume_continues_to_the_same_result(feats, tmp_path):
+    full = train_stage2(cfg(feats, tmp_path / "full", epochs=4))
+    # run two epochs, then resume the same run to four
+    first = cfg(feats, tmp_path / "part", epochs=4)
+    _run_epochs(first, 2)
+    resumed = train_stage2(first, resume=True)
+    assert resumed["stage2"] == full["stage2"]
+    rows = (tmp_path / "part" / "summary.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4
+
+
+def _run_epochs(c, n):
+    """Run ``n`` epochs of a run configured for more, by stopping it after epoch ``n``."""
+    import glag.stage2 as s2
+
+    calls = {"n": 0}
+    real = s2.EpochBuilder.build
+
+    def build(self, epoch, omega):
+        if epoch >= n:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(self, epoch, omega)
+
+    s2.EpochBuilder.build = build
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_stage2(c)
+    finally:
+        s2.EpochBuilder.build = real
+    assert calls["n"] == n
+
+
+def _plain_h5py_file(path, counts, d=8, with_val=True, with_logits=True, one_sample_class=False, seed=0):
+    """A feature file in DESIGN.md's schema, written by 'another program' with h5py only."""
+    rng = np.random.default_rng(seed)
+    C = len(counts)
+    means = rng.standard_normal((C, d)) * 2
+    with h5py.File(path, "w") as f:
+        f.attrs["num_classes"] = C
+        f.attrs["feature_dim"] = d
+        for split, per in (("train", counts), ("val", [10] * C), ("test", [20] * C)):
+            if split == "val" and not with_val:
+                continue
+            y = np.repeat(np.arange(C), per)
+            x = np.maximum(means[y] + rng.standard_normal((len(y), d)), 0).astype(np.float32)
+            g = f.create_group(split)
+            g["features"] = x
+            g["labels"] = y.astype(np.int64)
+            g["index"] = np.arange(len(y))
+            if with_logits:
+                g["logits"] = (x @ means.T).astype(np.float32)
+    return path
+
+
+def test_file_from_another_program_trains(tmp_path):
+    path = _plain_h5py_file(tmp_path / "other.h5", [200, 150, 40, 10, 4])
+    m = train_stage2(cfg(path, tmp_path / "run", epochs=3))
+    assert m["stage2"]["test"]["top1"] > 50.0
+    assert m["class_counts"] == [200, 150, 40, 10, 4]
+
+
+def test_missing_val_split_is_a_clear_error(tmp_path):
+    path = _plain_h5py_file(tmp_path / "noval.h5", [200, 150, 40, 10, 4], with_val=False)
+    with pytest.raises(ValueError, match="no /val split.*never on test"):
+        train_stage2(cfg(path, tmp_path / "run"))
+
+
+def test_missing_teacher_logits_turns_kd_off_with_a_warning(tmp_path, caplog):
+    path = _plain_h5py_file(tmp_path / "nologits.h5", [200, 150, 40, 10, 4], with_logits=False)
+    with caplog.at_level(logging.WARNING, logger="glag.stage2"):
+        m = train_stage2(cfg(path, tmp_path / "run", epochs=3))
+    assert any("KD is off" in r.message for r in caplog.records)
+    assert m["stage1"] == {}  # no stage-one logits: nothing to report for stage one
+    assert m["stage2"]["test"]["top1"] > 50.0
+
+
+def test_class_with_one_sample_borrows_only_support_covariance(tmp_path):
+    path = _plain_h5py_file(tmp_path / "one.h5", [200, 150, 40, 10, 1])
+    m = train_stage2(cfg(path, tmp_path / "run", epochs=2))
+    assert np.isfinite(m["stage2"]["test"]["top1"])
+    from glag.stage2 import EpochBuilder, load_splits
+
+    ff, splits = load_splits(path, 0.5)
+    b = EpochBuilder(Stage2Config(features=str(path), backend="torch").resolved(), splits["train"], ff.class_counts)
+    assert b.stats.bank.ranks[4] == 0  # no covariance of its own
+    x, y, _ = b.build(0, None)
+    gen = x[len(splits["train"].y):][y[len(splits["train"].y):] == 4]
+    assert len(gen) == 199 and torch.isfinite(gen).all() and gen.std(0).sum() > 0
+
+
+def test_nan_features_and_bad_labels_are_refused(tmp_path):
+    from glag.features import FeatureFileError
+
+    path = _plain_h5py_file(tmp_path / "nan.h5", [200, 150, 40, 10, 4])
+    with h5py.File(path, "r+") as f:
+        x = f["train/features"][...]
+        x[7, 3] = np.nan
+        f["train/features"][...] = x
+    with pytest.raises(FeatureFileError, match="train"):
+        train_stage2(cfg(path, tmp_path / "run"))
+    path = _plain_h5py_file(tmp_path / "lab.h5", [200, 150, 40, 10, 4])
+    with h5py.File(path, "r+") as f:
+        y = f["test/labels"][...]
+        y[0] = 9
+        f["test/labels"][...] = y
+    with pytest.raises(FeatureFileError, match="label"):
+        train_stage2(cfg(path, tmp_path / "run2"))
+
+
+def test_existing_run_is_not_overwritten(feats, tmp_path):
+    train_stage2(cfg(feats, tmp_path / "run", epochs=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_stage2(cfg(feats, tmp_path / "run", epochs=1))
