@@ -7,6 +7,24 @@ with the selected checkpoint.
 
 Checkpoints are plain dicts written atomically (``last.pt`` every epoch, ``best.pt`` on a new best
 validation top-1); ``resume=True`` continues from ``last.pt`` with the same data order.
+
+Multi-process (``torchrun --nproc_per_node N``, :mod:`glag.distributed`): the same loop, with the
+model wrapped in ``DistributedDataParallel`` (gloo on CPU, nccl on GPU).
+
+* ``batch_size`` is the **global** batch (the effective batch of one optimizer step, logged and
+  saved in ``metrics.json``); each of the N processes takes ``batch_size / N`` rows of it, so it
+  must be a multiple of N. Every process draws the same shuffled order from ``seed`` and takes
+  its contiguous part of each global batch (:func:`glag.data.base.rank_rows`); the last, short
+  batch of an epoch is padded with the epoch's first rows so that every process gets as many
+  rows and batches as the others. The learning-rate schedule and step count are those of one
+  process with the same ``batch_size``.
+* Per-process randomness (augmentation, torch's global RNG) is seeded with ``seed + rank``; the
+  initial weights are rank 0's (DDP broadcasts them), i.e. those of a single-process run.
+* Validation and test are sharded: each process evaluates a contiguous part of the split with
+  rank 0's BatchNorm statistics, predictions are gathered, and all processes compute the same
+  metrics (identical to a single-process evaluation of the same weights).
+* Only rank 0 writes the run folder (config, summary, checkpoints, metrics). Checkpoints hold
+  the unwrapped model's ``state_dict`` (no ``module.`` prefix), so they load anywhere.
 """
 from __future__ import annotations
 
@@ -21,10 +39,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import build_dataset, iterate_batches
-from .inference import evaluate
+from .data.base import shard_split
+from .inference import iterate_outputs
 from .losses import SCHEDULES, StageOneLoss, log_prior
-from .metrics import format_table
+from .metrics import format_table, summarize
 from .models import create_model
 from .runs import RunDir, atomic_torch_save, seed_everything
 
@@ -47,8 +67,8 @@ class Stage1Config:
     val_list: str | None = None
     test_list: str | None = None
     image_root: str | None = None
-    image_size: int = 224
-    arch: str | None = None  # default: resnet32 (fmnist-lt, cifar100-lt), resnet10 (list)
+    image_size: int = 224  # list and folder datasets
+    arch: str | None = None  # default: resnet32 (fmnist-lt, cifar100-lt), resnet10 (list, folder)
     loss: str = "graloss"
     tau: float = 1.0  # the fixed τ of "la"
     schedule: str = "power"
@@ -76,7 +96,7 @@ class Stage1Config:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("--epochs and --batch-size must be at least 1")
         if self.arch is None:
-            self.arch = "resnet10" if self.dataset == "list" else "resnet32"
+            self.arch = "resnet10" if self.dataset in ("list", "folder") else "resnet32"
 
 
 def dataset_from_config(cfg) -> object:
@@ -85,6 +105,8 @@ def dataset_from_config(cfg) -> object:
     if cfg.dataset == "list":
         kw = dict(train_list=cfg.train_list, val_list=cfg.val_list, test_list=cfg.test_list,
                   image_root=cfg.image_root, image_size=cfg.image_size)
+    elif cfg.dataset == "folder":
+        kw = dict(image_size=cfg.image_size)
     return build_dataset(cfg.dataset, root=cfg.data_root, imbalance_factor=cfg.imbalance_factor,
                          n_max=cfg.n_max, val_per_class=cfg.val_per_class, seed=cfg.seed, **kw)
 
@@ -125,21 +147,48 @@ def model_from_checkpoint(ckpt: dict):
     return model
 
 
+def evaluate_split(model, split, class_counts, batch_size: int, *, num_workers: int = 0,
+                   channels_last: bool = True, device=None) -> dict:
+    """Top-1 and Many/Medium/Few (%) of ``model`` on ``split`` (see :func:`glag.metrics.summarize`).
+
+    Under torchrun every process must call it: each predicts a contiguous, batch-aligned shard
+    (:func:`glag.data.base.shard_split`), the predictions (int64 [N_r]) are gathered in rank
+    order (= split order) and every process returns the same metrics, equal to a one-process
+    evaluation. The caller makes the weights equal on all processes first.
+    """
+    part = shard_split(split, distributed.rank(), distributed.world_size(), batch_size)
+    net = distributed.on_device(model, device or torch.device("cpu"))
+    preds = [z.argmax(1).numpy() for _, z, _, _ in
+             iterate_outputs(net, part, batch_size, num_workers=num_workers, channels_last=channels_last)]
+    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    pred = np.concatenate(distributed.all_gather_object(pred))
+    return summarize(pred, split.labels, class_counts)
+
+
 def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
     """Train stage one as ``cfg`` says; returns the metrics written to ``metrics.json``.
 
     The run folder ``cfg.out`` receives config.json, env.json, indices.npz, summary.csv,
-    last.pt, best.pt and metrics.json.
+    last.pt, best.pt and metrics.json. Under torchrun (see the module docstring) every process
+    calls this; it joins the process group itself (:func:`glag.distributed.init_from_env`) and
+    only rank 0 writes.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = RunDir(cfg.out, resume=resume)
-    seed_everything(cfg.seed)
+    rank, world = distributed.init_from_env()
+    main = rank == 0
+    dev = distributed.device()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
+                         f"{world} processes; use e.g. {cfg.batch_size - cfg.batch_size % world or world}")
+    run = RunDir(cfg.out, resume=resume)  # every process checks before any writes (no race)
+    distributed.barrier()
+    seed_everything(cfg.seed + rank)
     data = dataset_from_config(cfg)
     log.info("data: %s", data.describe())
     counts = np.asarray(data.class_counts)
 
-    model = create_model(cfg.arch, data.num_classes, data.in_channels)
+    model = create_model(cfg.arch, data.num_classes, data.in_channels).to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
@@ -148,11 +197,13 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=cfg.lr, momentum=cfg.momentum)
-    loss_fn = StageOneLoss(cfg.loss, log_prior(counts), cfg.epochs, cfg.tau, cfg.schedule,
+    loss_fn = StageOneLoss(cfg.loss, log_prior(counts).to(dev), cfg.epochs, cfg.tau, cfg.schedule,
                            cfg.tau_alpha, cfg.tau_beta)
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    log.info("%d process(es) x %d images = effective batch %d (global), %d steps per epoch, device %s",
+             world, cfg.batch_size // world, cfg.batch_size, steps_per_epoch, dev)
     start_epoch, best_val, best_epoch = 0, -1.0, -1
     last_path, best_path = run / "last.pt", run / "best.pt"
     if resume and last_path.exists():
@@ -163,12 +214,20 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_val, best_epoch = ckpt["epoch"], ckpt["best_val"], ckpt["best_epoch"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        if main:  # the other ranks keep their seed + rank streams
+            torch.set_rng_state(ckpt["torch_rng"])
         log.info("resuming %s after epoch %d (best val %.2f at epoch %d)", cfg.out, start_epoch, best_val, best_epoch)
-        run.truncate_summary(start_epoch)
-    else:
+        if main:
+            run.truncate_summary(start_epoch)
+    elif main:
         run.write_config(dataclasses.asdict(cfg), cfg.seed)
         np.savez(run / "indices.npz", class_counts=counts, **data.indices)
+
+    net = model  # what the loop calls; the DDP wrapper averages gradients over processes
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def checkpoint(epoch: int) -> dict:
         return {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -177,24 +236,31 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
                 "feature_dim": model.feature_dim, "class_counts": counts.tolist(), "dataset": data.name,
                 "config": dataclasses.asdict(cfg), "torch_rng": torch.get_rng_state()}
 
+    def evaluate(split) -> dict:
+        distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics, as in its checkpoint
+        return evaluate_split(model, split, counts, cfg.eval_batch_size, num_workers=cfg.num_workers,
+                              channels_last=cfg.channels_last, device=dev)
+
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        net.train()
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
         batches = iterate_batches(data.train, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed,
-                                  epoch=epoch, num_workers=cfg.num_workers)
+                                  epoch=epoch, num_workers=cfg.num_workers, rank=rank, world_size=world)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress, unit="batch")
+                   disable=not (cfg.progress and main), unit="batch")
         for i, (x, y, _) in enumerate(bar):
             lr = cosine_lr(cfg.lr, step, total_steps, cfg.warmup_epochs * steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            z = model(x)
+            z = net(x)
             loss = loss_fn(z, y, epoch + i / steps_per_epoch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i}; "
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i}"
+                                         f"{f' on rank {rank}' if world > 1 else ''}; "
                                          f"lower --lr (now {cfg.lr}) or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -204,28 +270,35 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
             correct += (z.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.4f}")
-        val, _ = evaluate(model, data.val, counts, cfg.eval_batch_size, cfg.num_workers)
+        # training loss / accuracy over all processes (padded rows included)
+        loss_sum, correct, seen = distributed.all_reduce_sum(
+            torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=dev)).tolist()
+        val = evaluate(data.val)
         improved = val["top1"] > best_val
         if improved:
             best_val, best_epoch = val["top1"], epoch + 1
-        ckpt = checkpoint(epoch + 1)
-        if improved:
-            atomic_torch_save(ckpt, best_path)
-        atomic_torch_save(ckpt, last_path)
         row = {"epoch": epoch + 1, "lr": lr, "tau": loss_fn.tau_at(epoch + 1), "train_loss": loss_sum / seen,
                "train_acc": 100.0 * correct / seen, **{f"val_{k}": v for k, v in val.items()},
                "seconds": time.time() - t0}
-        run.append_summary(row)
+        if main:  # summary row first, last.pt last: a kill in between redoes this epoch on resume
+            run.append_summary(row)
+            ckpt = checkpoint(epoch + 1)
+            if improved:
+                atomic_torch_save(ckpt, best_path)
+            atomic_torch_save(ckpt, last_path)
         log.info("epoch %d/%d loss %.3f train %.1f%% val %.2f%% (many %.1f med %.1f few %.1f) %.1fs%s",
                  epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"], val["top1"], val["many"],
                  val["medium"], val["few"], row["seconds"], " *" if improved else "")
 
+    distributed.barrier()  # best.pt is on disk for every process
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
-    val, _ = evaluate(model, data.val, counts, cfg.eval_batch_size, cfg.num_workers)
-    test, _ = evaluate(model, data.test, counts, cfg.eval_batch_size, cfg.num_workers)
+    val = evaluate(data.val)
+    test = evaluate(data.test)
     metrics = {"best_epoch": best["best_epoch"], "selected_on": "val", "loss": cfg.loss,
-               "val": val, "test": test, "class_counts": counts.tolist(), "checkpoint": str(best_path)}
-    run.write_metrics(metrics)
+               "val": val, "test": test, "class_counts": counts.tolist(), "checkpoint": str(best_path),
+               "world_size": world, "batch_size": cfg.batch_size, "batch_size_per_process": cfg.batch_size // world}
+    if main:
+        run.write_metrics(metrics)
     log.info("best epoch %d (chosen on val)\n%s", best["best_epoch"], format_table({"val": val, "test": test}))
     return metrics

@@ -8,11 +8,15 @@ import os
 import sys
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr with timestamps; tqdm bars share the terminal."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
+    """Log to stderr with timestamps; tqdm bars share the terminal. Under torchrun only the main
+    process (rank 0) logs at INFO/DEBUG; the others log warnings and errors, tagged with their rank."""
+    level = logging.DEBUG if verbose else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if not main_process:
+        level = logging.WARNING
+        fmt = f"%(asctime)s %(levelname)s [rank {os.environ.get('RANK', '?')}] %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +27,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="fmnist-lt", choices=sorted(DATASETS),
                    help="fmnist-lt: Fashion-MNIST made long-tailed (Debian package dataset-fashion-mnist); "
                         "cifar100-lt: the LDAM-DRW protocol on a local CIFAR-100 python folder; "
-                        "list: ImageNet-LT / iNaturalist split files (default: %(default)s)")
+                        "list: ImageNet-LT / iNaturalist split files; folder: an image-folder tree "
+                        "DATA_ROOT/{train,val,test}/CLASS_NAME/*.jpg (or .png; val optional, else carved from "
+                        "train) (default: %(default)s)")
     g.add_argument("--data-root", default=os.environ.get("GLAG_DATA_ROOT"),
                    help="folder holding the dataset (default: $GLAG_DATA_ROOT, else the dataset's usual place)")
     g.add_argument("--imbalance-factor", type=float, default=100.0,
@@ -36,7 +42,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-list", help="list dataset: validation split file")
     g.add_argument("--test-list", help="list dataset: test split file")
     g.add_argument("--image-root", help="list dataset: folder the paths in the split files are relative to")
-    g.add_argument("--image-size", type=int, default=224, help="list dataset: crop size (default: %(default)s)")
+    g.add_argument("--image-size", type=int, default=224,
+                   help="list and folder datasets: crop size (default: %(default)s)")
 
 
 def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:

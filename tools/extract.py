@@ -1,11 +1,16 @@
 """Extract a stage-one model's features, labels and logits (the KD teacher) to one HDF5 file.
 
     python tools/extract.py --checkpoint runs/fmnist-graloss/best.pt --out feats.h5
+    torchrun --nproc_per_node 2 tools/extract.py --checkpoint runs/fmnist-graloss/best.pt --out feats.h5
 
 The file has groups /train, /val, /test with features (N×d), labels, index and logits (N×C),
 and root attributes (num_classes, feature_dim, class_counts, backbone, checkpoint_sha256, ...).
 It is written to <out>.partial and renamed when complete; if the run is interrupted, the same
 command resumes it. Read it with glag.features.open_features or plain h5py.
+
+Under torchrun each process writes its shard of every split to <out>.rank<r>of<N> (resumable
+too), and rank 0 merges them into <out>: the same file as a one-process run with the same
+--batch-size.
 """
 from __future__ import annotations
 
@@ -44,17 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    from glag import distributed
+
+    distributed.init_from_env()  # no-op without torchrun
+    main_process = distributed.is_main()
+    setup_logging(args.verbose, main_process=main_process)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    from glag.extract import extract_features
+    try:
+        from glag.extract import extract_features
 
-    path = extract_features(args.checkpoint, args.out, batch_size=args.batch_size, dtype=args.dtype,
-                            data_root=args.data_root, overwrite=args.overwrite, num_workers=args.num_workers,
-                            progress=args.progress, splits=args.splits)
-    print(f"features written to {path}")
+        path = extract_features(args.checkpoint, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                                data_root=args.data_root, overwrite=args.overwrite, num_workers=args.num_workers,
+                                progress=args.progress, splits=args.splits)
+    finally:
+        distributed.cleanup()
+    if main_process:
+        print(f"features written to {path}")
     return 0
 
 

@@ -2,6 +2,11 @@
 
     python tools/train_stage1.py --dataset fmnist-lt --loss graloss --out runs/fmnist-graloss
     python tools/train_stage1.py --out runs/fmnist-graloss --resume        # continue after a crash
+    torchrun --nproc_per_node 2 tools/train_stage1.py --out runs/ddp        # DDP: 2 processes (or GPUs)
+
+Under torchrun (gloo on CPU, nccl on GPU) --batch-size is the global batch, split evenly over the
+processes (it must be a multiple of their number); only rank 0 logs, shows progress and writes;
+--resume works the same way.
 
 Writes into --out: config.json, env.json (commit, versions, seed), indices.npz (the chosen images),
 summary.csv (one row per epoch), last.pt, best.pt (chosen on the validation split) and metrics.json
@@ -33,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "defaults; flags given here still win")
     add_data_args(p)
     g = p.add_argument_group("model and loss")
-    g.add_argument("--arch", choices=ARCHS, help="backbone (default: resnet32; resnet10 for --dataset list)")
+    g.add_argument("--arch", choices=ARCHS, help="backbone (default: resnet32; resnet10 for --dataset list and folder)")
     g.add_argument("--loss", default="graloss", choices=StageOneLoss.METHODS,
                    help="ce: cross entropy; la: logit adjustment with fixed --tau; bs: Balanced Softmax (τ=1); "
                         "graloss: τ(t) = α(t/T)^β grows from 0 to α (default: %(default)s)")
@@ -69,16 +74,24 @@ def main(argv=None) -> int:
     parser = build_parser()
     apply_json_defaults(parser, argv)
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    from glag.stage1 import Stage1Config, train_stage1
+    from glag import distributed
 
-    fields = set(Stage1Config.__dataclass_fields__)
-    cfg = Stage1Config(**{k: v for k, v in vars(args).items() if k in fields})
-    metrics = train_stage1(cfg, resume=args.resume)
-    from glag.metrics import format_table
+    distributed.init_from_env()  # no-op without torchrun
+    main_process = distributed.is_main()
+    setup_logging(args.verbose, main_process=main_process)
+    try:
+        from glag.stage1 import Stage1Config, train_stage1
 
-    print(f"stage one ({cfg.loss}), best epoch {metrics['best_epoch']} chosen on val; run folder {cfg.out}")
-    print(format_table({"val": metrics["val"], "test": metrics["test"]}))
+        fields = set(Stage1Config.__dataclass_fields__)
+        cfg = Stage1Config(**{k: v for k, v in vars(args).items() if k in fields})
+        metrics = train_stage1(cfg, resume=args.resume)
+    finally:
+        distributed.cleanup()
+    if main_process:
+        from glag.metrics import format_table
+
+        print(f"stage one ({cfg.loss}), best epoch {metrics['best_epoch']} chosen on val; run folder {cfg.out}")
+        print(format_table({"val": metrics["val"], "test": metrics["test"]}))
     return 0
 
 

@@ -16,6 +16,7 @@ from .base import (DatasetCorruptError, DatasetNotFoundError, FileSplit, LTDatas
                    TensorSplit, batch_order, batch_seed, iterate_batches, num_batches)
 from .cifar import build_cifar100_lt, download_cifar100
 from .fmnist import build_fmnist_lt
+from .imagefolder import build_folder_dataset
 from .listfile import ListFileError, build_list_dataset
 from .profile import lt_profile
 
@@ -25,6 +26,7 @@ DATASETS = {
     "fmnist-lt": build_fmnist_lt,
     "cifar100-lt": build_cifar100_lt,
     "list": build_list_dataset,
+    "folder": build_folder_dataset,
 }
 DEFAULT_DATASET = "fmnist-lt"
 

@@ -8,6 +8,10 @@ RNG streams (STYLE.md habit 5): the LT subset / validation draw is made by the d
 from ``seed``; the order and augmentation of batches come from :func:`batch_order` and
 :func:`batch_seed`, pure functions of ``(seed, epoch[, batch])`` on their own ``SeedSequence``
 stream, so a resumed run sees exactly the batches it would have seen.
+
+Data parallelism (torchrun): :func:`iterate_batches` with ``rank``/``world_size`` gives each
+process its part of every global batch (:func:`rank_rows`); :func:`shard_split` gives each
+process a contiguous, batch-aligned shard of a split processed in order (extraction, evaluation).
 """
 from __future__ import annotations
 
@@ -217,9 +221,69 @@ def batch_seed(seed: int, epoch: int, batch: int) -> int:
 
 
 def num_batches(split: Split, batch_size: int, drop_last: bool = False) -> int:
-    """Batches per epoch of :func:`iterate_batches` (for progress bars and resume)."""
+    """Batches per epoch of :func:`iterate_batches` (for progress bars and resume); the same
+    on every rank when sharded (``batch_size`` is then the global batch)."""
     n = len(split)
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def rank_rows(rows: np.ndarray, rank: int, world_size: int, pad_from: np.ndarray) -> np.ndarray:
+    """This rank's part of one global batch, int64 [ceil(len(rows) / world_size)].
+
+    The global batch ``rows`` (int64 [n]) is cut into ``world_size`` contiguous parts of equal
+    size ``m = ceil(n / world_size)``; when ``n`` is not a multiple of ``world_size`` (the last,
+    short batch of an epoch, or a batch size that does not divide), it is first padded to
+    ``m * world_size`` rows with the first rows of ``pad_from`` (the epoch order), as
+    ``torch.utils.data.DistributedSampler`` pads: at most ``world_size - 1`` rows per batch are
+    seen twice, and no rank ever gets an empty batch.
+    """
+    n = len(rows)
+    m = -(-n // world_size)
+    if m * world_size != n:
+        rows = np.concatenate([rows, np.resize(pad_from, m * world_size - n)])
+    return rows[rank * m:(rank + 1) * m]
+
+
+class SubsetSplit(Split):
+    """A view of rows ``rows`` (int64 [n], positions in ``parent``) of another split, in that
+    order: ``labels``/``index`` are the parent's at those rows, so ``index`` keeps naming the
+    sample in its source dataset. Used to give each process its shard of a split."""
+
+    def __init__(self, parent: Split, rows: np.ndarray):
+        self.parent = parent
+        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
+        super().__init__(parent.name, parent.labels[self.rows], parent.index[self.rows])
+        self.in_memory = parent.in_memory
+
+    def load_batch(self, ids: np.ndarray, augment: bool, seed: int) -> torch.Tensor:
+        """Rows ``ids`` of this view -> the parent's batch of those rows (same transforms)."""
+        return self.parent.load_batch(self.rows[np.asarray(ids, dtype=np.int64)], augment, seed)
+
+
+def shard_bounds(n: int, rank: int, world_size: int, batch_size: int = 1) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a split of ``n`` rows that ``rank`` of ``world_size`` handles when a
+    split is processed in order (extraction, evaluation).
+
+    Whole batches of ``batch_size`` rows are dealt out contiguously (rank r gets batches
+    ``[nb*r // W, nb*(r+1) // W)`` of the ``nb = ceil(n / batch_size)``), so every batch a rank
+    forms is exactly a batch of the single-process run: the same rows, the same shapes, hence
+    the same numbers. Shards concatenated in rank order are the whole split, in order. A rank
+    may get no rows when ``nb < world_size``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+    nb = -(-n // batch_size)
+    lo, hi = nb * rank // world_size, nb * (rank + 1) // world_size
+    return min(lo * batch_size, n), min(hi * batch_size, n)
+
+
+def shard_split(split: Split, rank: int, world_size: int, batch_size: int = 1) -> Split:
+    """``rank``'s contiguous shard of ``split`` (:func:`shard_bounds`); the split itself for
+    ``world_size == 1``."""
+    if world_size == 1:
+        return split
+    lo, hi = shard_bounds(len(split), rank, world_size, batch_size)
+    return SubsetSplit(split, np.arange(lo, hi, dtype=np.int64))
 
 
 class _BatchItems(Dataset):
@@ -240,8 +304,9 @@ class _BatchItems(Dataset):
 
 def iterate_batches(split: Split, batch_size: int, *, shuffle: bool, augment: bool, seed: int,
                     epoch: int = 0, start_batch: int = 0, num_workers: int = 0,
-                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]]:
+                    drop_last: bool = False, rank: int = 0,
+                    world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]]:
     """Deterministic batches of one epoch.
 
     Order (:func:`batch_order`) and augmentation (:func:`batch_seed`, one seed per batch) depend
@@ -259,17 +324,28 @@ def iterate_batches(split: Split, batch_size: int, *, shuffle: bool, augment: bo
             with its own seed, so the result does not depend on the worker count). In-memory
             splits are augmented batched on tensors in the calling process and ignore it.
         drop_last: drop a final partial batch.
+        rank, world_size: data-parallel sharding (torchrun). ``batch_size`` is then the
+            *global* batch: every process computes the same order and the same global batches
+            and takes its part of each, see :func:`rank_rows`. Every rank yields the same
+            number of batches (:func:`num_batches`), so collectives stay in step. The
+            augmentation seeds are drawn with ``seed + rank`` (per-rank randomness); with
+            ``world_size=1`` the batches are exactly the unsharded ones.
 
     Yields:
-        ``(x, y, idx)``: float32 [B, C, H, W], int64 [B] labels, int64 [B] ``split.index`` rows.
+        ``(x, y, idx)``: float32 [B, C, H, W], int64 [B] labels, int64 [B] ``split.index`` rows
+        (B = this rank's part of the batch).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
     order = batch_order(len(split), shuffle, seed, epoch)
     nb = num_batches(split, batch_size, drop_last)
     todo = range(max(int(start_batch), 0), nb)
     batches = [order[b * batch_size:(b + 1) * batch_size] for b in todo]
-    seeds = [batch_seed(seed, epoch, b) for b in todo]
+    if world_size > 1:
+        batches = [rank_rows(rows, rank, world_size, order) for rows in batches]
+    seeds = [batch_seed(seed + rank, epoch, b) for b in todo]
     items = _BatchItems(split, batches, seeds, augment)
     if split.in_memory or num_workers <= 0:
         for k in range(len(items)):

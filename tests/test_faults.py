@@ -1,0 +1,296 @@
+"""Fault tests: real processes killed with SIGKILL, and clear errors that lose nothing.
+
+* an extraction killed mid-way resumes to a file identical to an uninterrupted one;
+* while an extraction runs, the final file name never holds a half-written file;
+* stage one killed mid-training resumes from last.pt and finishes with one summary row per epoch;
+* a checkpoint of another architecture, NaN features, a corrupt .partial, an existing output or
+  run folder: each a clear error, and the files already there are unchanged.
+
+(Truncated/corrupt HDF5 files given to the reader are tested in test_features.py, list files
+naming missing images in test_data.py.)
+
+Data: a fake Fashion-MNIST (gzip IDX files) written into tmp_path; models are resnet20.
+The helpers here are shared with test_distributed.py.
+"""
+import gzip
+import hashlib
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from glag.data.fmnist import FILES as FMNIST_FILES
+from glag.extract import extract_features
+from glag.features import FeatureFileError, open_features
+from glag.stage1 import Stage1Config, load_checkpoint, train_stage1
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = REPO / "tools"
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def make_fake_fmnist(root: Path, train_per_class: int = 40, test_per_class: int = 5, seed: int = 1) -> Path:
+    """Write a fake Fashion-MNIST (10 classes, random 28x28 images) as the four gzip IDX files."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    ytr = rng.permutation(np.repeat(np.arange(10), train_per_class))
+    yte = np.repeat(np.arange(10), test_per_class)
+    arrays = {"train_images": rng.randint(0, 256, (len(ytr), 28, 28)), "train_labels": ytr,
+              "test_images": rng.randint(0, 256, (len(yte), 28, 28)), "test_labels": yte}
+    for key, arr in arrays.items():
+        arr = np.ascontiguousarray(arr, dtype=np.uint8)
+        header = struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        with gzip.open(root / FMNIST_FILES[key], "wb", compresslevel=1) as f:
+            f.write(header + arr.tobytes())
+    return root
+
+
+# A tiny stage one: 118 train images (counts 30..3), 50 val, resnet20.
+TINY = dict(dataset="fmnist-lt", n_max=30, imbalance_factor=10.0, val_per_class=5, arch="resnet20",
+            batch_size=16, eval_batch_size=64, progress=False)
+
+
+def tiny_cli_args(root: Path, out: Path, epochs: int) -> list[str]:
+    """The command-line flags of :data:`TINY` (for tools/train_stage1.py)."""
+    return ["--data-root", str(root), "--n-max", "30", "--imbalance-factor", "10", "--val-per-class", "5",
+            "--arch", "resnet20", "--batch-size", "16", "--eval-batch-size", "64", "--epochs", str(epochs),
+            "--out", str(out), "--no-progress", "--threads", "1"]
+
+
+def train_tiny(root: Path, out: Path, epochs: int = 1, **kw) -> Path:
+    """Train the tiny stage one in this process; returns the run folder."""
+    train_stage1(Stage1Config(out=str(out), data_root=str(root), epochs=epochs, **{**TINY, **kw}))
+    return out
+
+
+def tool(name: str, *args, **popen_kw) -> subprocess.Popen:
+    """Start ``python tools/<name>.py args...`` as a real process (output to files in cwd)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.Popen([sys.executable, str(TOOLS / f"{name}.py"), *map(str, args)], env=env, **popen_kw)
+
+
+def run_tool(name: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a tool to completion, capturing its output; fails the test on a non-zero exit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    res = subprocess.run([sys.executable, str(TOOLS / f"{name}.py"), *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{name} failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    return res
+
+
+def h5_content(path: Path) -> tuple[dict, dict]:
+    """Every dataset (as numpy) and every attribute (root and groups) of an HDF5 file."""
+    arrays, attrs = {}, {}
+    with h5py.File(path, "r") as f:
+        attrs["/"] = {k: np.asarray(v) for k, v in f.attrs.items()}
+
+        def visit(name, obj):
+            attrs[name] = {k: np.asarray(v) for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                arrays[name] = (str(obj.dtype), obj[...])
+
+        f.visititems(visit)
+    return arrays, attrs
+
+
+def assert_same_h5(a: Path, b: Path) -> None:
+    """Same datasets (names, dtypes, values bit for bit) and same attributes."""
+    arr_a, att_a = h5_content(a)
+    arr_b, att_b = h5_content(b)
+    assert sorted(arr_a) == sorted(arr_b)
+    for name in arr_a:
+        assert arr_a[name][0] == arr_b[name][0], name
+        assert np.array_equal(arr_a[name][1], arr_b[name][1]), name
+    assert sorted(att_a) == sorted(att_b)
+    for name in att_a:
+        assert sorted(att_a[name]) == sorted(att_b[name]), name
+        for key in att_a[name]:
+            assert np.array_equal(att_a[name][key], att_b[name][key]), (name, key)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def folder_state(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of the files directly in ``folder``."""
+    return {p.name: sha(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def rows_done(partial: Path) -> int:
+    """Rows written so far in an extraction's .partial (0 if unreadable right now)."""
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return sum(int(f[s].attrs["rows_done"]) for s in f if "rows_done" in f[s].attrs)
+    except (OSError, KeyError, RuntimeError, ValueError):
+        return 0
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """In-process runs here use one torch thread (restored after): on a small, shared CPU
+    OpenMP threads that wait for each other make tiny models many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Fake data with a 500-image test split (so an extraction lasts a few seconds) and a
+    one-epoch stage-one run on it: (data root, run folder)."""
+    base = tmp_path_factory.mktemp("faults")
+    root = make_fake_fmnist(base / "fmnist", train_per_class=40, test_per_class=50)
+    return root, train_tiny(root, base / "run", epochs=1)
+
+
+@pytest.fixture(scope="module")
+def watched_extraction(tiny_run, tmp_path_factory):
+    """An uninterrupted CLI extraction, watched while it runs: (output file, observations).
+
+    Observations: ``seen_partial`` (the .partial was seen while running), ``early`` (the final
+    name existed while the process was still running and was not a complete feature file)."""
+    _, run = tiny_run
+    out = tmp_path_factory.mktemp("watched") / "feats.h5"
+    partial = out.with_name(out.name + ".partial")
+    proc = tool("extract", "--checkpoint", run / "best.pt", "--out", out, "--batch-size", 8, "--no-progress",
+                "--threads", "1", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen_partial, early = False, []
+    while proc.poll() is None:
+        seen_partial |= partial.exists()
+        if out.exists() and proc.poll() is None:
+            try:  # present before exit: allowed only as the finished file (renamed at the end)
+                with open_features(out) as ff:
+                    ff.load("train")
+            except Exception as e:  # noqa: BLE001
+                early.append(repr(e))
+        time.sleep(0.02)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 0, err[-3000:]
+    return out, {"seen_partial": seen_partial, "early": early}
+
+
+# --------------------------------------------------------------------------- kills
+
+
+def test_final_name_never_half_written(watched_extraction):
+    out, obs = watched_extraction
+    assert obs["seen_partial"], "the extraction was too quick to be watched"
+    assert obs["early"] == []
+    assert out.exists() and not out.with_name(out.name + ".partial").exists()
+    with open_features(out) as ff:
+        assert ff.attrs["complete"] is True or ff.attrs["complete"] == 1
+
+
+def test_extraction_sigkill_resumes_identical(tiny_run, watched_extraction, tmp_path):
+    _, run = tiny_run
+    reference, _ = watched_extraction
+    out = tmp_path / "feats.h5"
+    partial = out.with_name(out.name + ".partial")
+    args = ("--checkpoint", run / "best.pt", "--out", out, "--batch-size", 8, "--no-progress", "--threads", "1")
+    proc = tool("extract", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and rows_done(partial) < 16 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the extraction finished before it could be killed"
+    assert not out.exists() and partial.exists()
+    done = rows_done(partial)
+    assert 16 <= done < 50 + 118 + 500
+    res = run_tool("extract", *args)
+    assert "resuming" in res.stderr
+    assert not partial.exists()
+    assert_same_h5(out, reference)
+
+
+def test_stage1_sigkill_resumes_and_finishes(tmp_path):
+    root = make_fake_fmnist(tmp_path / "fmnist")
+    out, epochs = tmp_path / "run", 4
+    args = tiny_cli_args(root, out, epochs)
+    proc = tool("train_stage1", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while proc.poll() is None and not (out / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "stage one finished before it could be killed"
+    killed_at = load_checkpoint(out / "last.pt")["epoch"]
+    assert 1 <= killed_at < epochs and not (out / "metrics.json").exists()
+    res = run_tool("train_stage1", *args, "--resume")
+    assert f"after epoch {killed_at}" in res.stderr
+    metrics = (out / "metrics.json").read_text()
+    assert '"selected_on": "val"' in metrics
+    assert load_checkpoint(out / "last.pt")["epoch"] == epochs
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,")
+    assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(1, epochs + 1)]  # one row per epoch
+
+
+# --------------------------------------------------------------------------- clear errors, nothing lost
+
+
+def test_checkpoint_of_another_architecture(tiny_run, tmp_path):
+    _, run = tiny_run
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    ckpt["arch"] = "resnet32"  # resnet20 weights labelled resnet32
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    out = tmp_path / "feats.h5"
+    with pytest.raises(ValueError, match="do not fit a resnet32"):
+        extract_features(bad, out, progress=False)
+    assert list(tmp_path.iterdir()) == [bad]  # nothing written
+    # resuming a run with another --arch is refused before anything is written
+    before = folder_state(run)
+    with pytest.raises(ValueError, match="another architecture"):
+        train_stage1(Stage1Config(out=str(run), data_root=str(tiny_run[0]), epochs=2,
+                                  **{**TINY, "arch": "resnet32"}), resume=True)
+    assert folder_state(run) == before
+
+
+def test_failed_extraction_keeps_existing_file(tiny_run, watched_extraction, tmp_path):
+    _, run = tiny_run
+    out = tmp_path / "feats.h5"
+    out.write_bytes(watched_extraction[0].read_bytes())
+    good = sha(out)
+    # without --overwrite: refused up front
+    with pytest.raises(FeatureFileError, match="already exists"):
+        extract_features(run / "best.pt", out, progress=False)
+    # NaN features with --overwrite: a clear error, the complete file untouched, the .partial kept
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    key = next(k for k in ckpt["model"] if k.endswith("weight") and ckpt["model"][k].ndim == 4)
+    ckpt["model"][key] = torch.full_like(ckpt["model"][key], float("nan"))
+    nan_ckpt = tmp_path / "nan.pt"
+    torch.save(ckpt, nan_ckpt)
+    with pytest.raises(FeatureFileError, match="NaN"):
+        extract_features(nan_ckpt, out, overwrite=True, progress=False)
+    assert sha(out) == good
+    partial = out.with_name(out.name + ".partial")
+    assert partial.exists()
+    # a truncated .partial: an error naming it, the complete file untouched
+    partial.write_bytes(partial.read_bytes()[:1000])
+    with pytest.raises(FeatureFileError, match=r"feats\.h5\.partial"):
+        extract_features(nan_ckpt, out, overwrite=True, progress=False)
+    assert sha(out) == good
+
+
+def test_new_run_refuses_existing_run_folder(tiny_run):
+    root, run = tiny_run
+    before = folder_state(run)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_tiny(root, run, epochs=1)
+    assert folder_state(run) == before
