@@ -228,13 +228,16 @@ class FeatureWriter:
             raise ValueError(f"split sizes must be >= 0 (train >= 1), got {sizes}")
         return sizes
 
-    def _open(self, mode: str) -> h5py.File:
+    def _open(self, mode: str, path: Path | None = None) -> h5py.File:
+        path = path or self.partial_path
         try:
             # Default libver on purpose: superblock v0 has no "open for writing" flag, so a
             # .partial left by a killed process reopens without h5clear.
-            return h5py.File(self.partial_path, mode, rdcc_nbytes=_WRITER_CACHE_BYTES)
+            return h5py.File(path, mode, rdcc_nbytes=_WRITER_CACHE_BYTES)
         except OSError as e:
-            if "lock" in str(e).lower():
+            # HDF5 says "unable to lock file" when another process holds it; a truncated file's
+            # message mentions the "sblock" (superblock), which is no lock at all
+            if "unable to lock file" in str(e).lower():
                 raise _err(self.partial_path, f"cannot be locked ({e}); another extraction may be "
                            "writing it", "Wait for it or stop it; on a file system without locking "
                            "set HDF5_USE_FILE_LOCKING=FALSE") from e
@@ -242,7 +245,21 @@ class FeatureWriter:
                        "Delete it and run the extraction again") from e
 
     def _create(self) -> None:
-        self._h5 = f = self._open("w")
+        # The skeleton (attributes, empty datasets) is built under a temporary name and renamed to
+        # .partial only once it is whole: a kill while HDF5 lays it out leaves no unusable .partial.
+        skeleton = self.partial_path.with_name(f".{self.partial_path.name}.{os.getpid()}.init")
+        f = self._open("w", skeleton)
+        try:
+            self._lay_out(f)
+            f.flush()
+        finally:
+            f.close()
+        os.replace(skeleton, self.partial_path)
+        self._h5 = self._open("r+")
+        log.info("writing features to %s (splits %s, d=%d, C=%d, %s)", self.partial_path,
+                 self.split_sizes, self.feature_dim, self.num_classes, self.dtype)
+
+    def _lay_out(self, f: h5py.File) -> None:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["num_classes"] = self.num_classes
         f.attrs["feature_dim"] = self.feature_dim
@@ -266,9 +283,6 @@ class FeatureWriter:
                 g.create_dataset("logits", shape=(n, self.num_classes), dtype=np.float32,
                                  chunks=chunks(self.num_classes))
             g.attrs["rows_done"] = 0
-        f.flush()
-        log.info("writing features to %s (splits %s, d=%d, C=%d, %s)", self.partial_path,
-                 self.split_sizes, self.feature_dim, self.num_classes, self.dtype)
 
     def _identity_of_file(self, f: h5py.File) -> dict[str, Any]:
         ident: dict[str, Any] = {

@@ -283,8 +283,10 @@ def test_failed_extraction_keeps_existing_file(tiny_run, watched_extraction, tmp
     assert partial.exists()
     # a truncated .partial: an error naming it, the complete file untouched
     partial.write_bytes(partial.read_bytes()[:1000])
-    with pytest.raises(FeatureFileError, match=r"feats\.h5\.partial"):
+    with pytest.raises(FeatureFileError, match=r"feats\.h5\.partial") as err:
         extract_features(nan_ckpt, out, overwrite=True, progress=False)
+    # it says the file is corrupt and to delete it, not that another process holds a lock
+    assert "corrupt" in str(err.value) and "Delete it" in str(err.value) and "locked" not in str(err.value)
     assert sha(out) == good
 
 
