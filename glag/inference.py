@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from .data import iterate_batches
-from .metrics import summarize
 
 
 def iterate_outputs(model, split, batch_size: int = 256, *, start_batch: int = 0, num_workers: int = 0,
@@ -34,13 +32,3 @@ def iterate_outputs(model, split, batch_size: int = 256, *, start_batch: int = 0
     finally:
         model.train(was_training)
 
-
-def evaluate(model, split, class_counts, batch_size: int = 256, num_workers: int = 0) -> tuple[dict, np.ndarray]:
-    """Top-1 and Many/Medium/Few (%) of ``model`` on ``split``, and the predictions (N,) int64."""
-    preds, labels = [], []
-    for _, z, y, _ in iterate_outputs(model, split, batch_size, num_workers=num_workers):
-        preds.append(z.argmax(1).numpy())
-        labels.append(y.numpy())
-    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
-    lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    return summarize(pred, lab, class_counts), pred
