@@ -4,6 +4,7 @@
 end-to-end tests (CI runs both); ``-m gpu`` the GPU ones (skipped without CuPy and a GPU).
 """
 import pytest
+import torch
 
 
 def pytest_configure(config):
@@ -18,3 +19,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process runs use one torch thread (restored after): on a small, shared CPU, OpenMP
+    threads that wait for each other make tiny models many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -80,14 +80,8 @@ def tensor_split(n: int, seed: int = 0) -> TensorSplit:
 # --------------------------------------------------------------------------- one process
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process runs here use one torch thread (restored after): on a small, shared CPU
-    OpenMP threads that wait for each other make tiny models many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# every test here runs with one torch thread (see conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
