@@ -1,0 +1,293 @@
+// Calibrated Gaussian sampler, CUDA C (loaded by glag/kernels/cuda.py through CuPy RawModule).
+//
+// METHOD.md, "Sampling without a Cholesky per sample":
+//     x_s = mu'_i + sum_slot sqrt(w_i,slot) F_{support[i,slot]} z_{s,slot} + e_s
+// with e_s = sqrt(alpha) z0 1 (mode "all") or sqrt(alpha) z (mode "diag").
+//
+// Two kernels, launched on one stream:
+//   glag_init_out       x[s, :] = mu'[seed_of[s], :] + e_s
+//   glag_slot_gemm_*    for one slot: x[s, :] += sqrt(w) F_j z_{s,slot} for every sample s whose
+//                       seed row has support class j in that slot. One thread block per
+//                       (tile of <= 64 samples sharing class j) x (BN output columns): a tiled
+//                       SGEMM whose A operand (the normals) is generated in registers by
+//                       Philox4x32-10 + Box-Muller and staged in shared memory, never in global
+//                       memory. Slots run one launch after another, so each output element has
+//                       one writer per launch: no atomics.
+//
+// The RNG contract (the same in glag/kernels/reference.py and cpu.py):
+//   Philox4x32-10, key (seed lo, seed hi), counter (s, stream, j / 4, 0); stream = slot for the
+//   factor normals, 0xFFFFFFFF for the dispersion noise; uniforms (u + 0.5) 2^-32; Box-Muller
+//   (u0, u1) -> normals 0, 1 and (u2, u3) -> normals 2, 3; component j takes normal j % 4.
+// Box-Muller is evaluated in float32 with integer range reduction and polynomials, exactly as
+// in cpu.py, so that a ~ 1 and b near a quadrant lose nothing (see glag_radius, glag_cos_sin).
+//
+// No headers: NVRTC compiles this as is. Sample indices are < 2^32 (checked by the caller).
+
+#define GLAG_PHILOX_M0 0xD2511F53u
+#define GLAG_PHILOX_M1 0xCD9E8D57u
+#define GLAG_PHILOX_W0 0x9E3779B9u
+#define GLAG_PHILOX_W1 0xBB67AE85u
+#define GLAG_DISPERSION_STREAM 0xFFFFFFFFu
+
+struct glag_u4 {
+    unsigned int x, y, z, w;
+};
+
+// Philox4x32-10 block function.
+__device__ __forceinline__ glag_u4 glag_philox(unsigned int c0, unsigned int c1, unsigned int c2,
+                                               unsigned int c3, unsigned int k0, unsigned int k1) {
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            k0 += GLAG_PHILOX_W0;
+            k1 += GLAG_PHILOX_W1;
+        }
+        const unsigned int hi0 = __umulhi(GLAG_PHILOX_M0, c0);
+        const unsigned int lo0 = GLAG_PHILOX_M0 * c0;
+        const unsigned int hi1 = __umulhi(GLAG_PHILOX_M1, c2);
+        const unsigned int lo1 = GLAG_PHILOX_M1 * c2;
+        const unsigned int n0 = hi1 ^ c1 ^ k0;
+        const unsigned int n2 = hi0 ^ c3 ^ k1;
+        c0 = n0;
+        c1 = lo1;
+        c2 = n2;
+        c3 = lo0;
+    }
+    glag_u4 out;
+    out.x = c0;
+    out.y = c1;
+    out.z = c2;
+    out.w = c3;
+    return out;
+}
+
+// sqrt(-2 ln a), a = (u + 0.5) 2^-32. t = min(a, 1 - a) is formed exactly from u or ~u, so
+// a close to 1 keeps its precision; ln a = E ln2 + ln M, M in [1/sqrt2, sqrt2], ln M =
+// 2 atanh((M - 1)/(M + 1)) by its odd series (5 terms, truncation < 1e-9).
+__device__ __forceinline__ float glag_radius(unsigned int u) {
+    const bool hi = u >= 0x80000000u;
+    const unsigned int v = hi ? ~u : u;  // < 2^31
+    const float t = ((float)(int)v + 0.5f) * 2.3283064365386963e-10f;  // (0, 0.5]
+    // case u < 2^31: ln t, t = M 2^E from the float bits
+    const unsigned int bits = __float_as_uint(t);
+    int e_a = (int)(bits >> 23) - 127;
+    float m_a = __uint_as_float((bits & 0x7FFFFFu) | 0x3F800000u);  // [1, 2)
+    if (m_a > 1.4142135f) {
+        m_a *= 0.5f;
+        e_a += 1;
+    }
+    // case u >= 2^31: ln(1 - t), M = 1 - t (E = 0) or 2 (1 - t) (E = -1)
+    const bool small = t < 0.29289322f;
+    const float num_b = small ? -t : 1.0f - 2.0f * t;
+    const float den_b = small ? 2.0f - t : 3.0f - 2.0f * t;
+    const int e_b = small ? 0 : -1;
+    const float num = hi ? num_b : m_a - 1.0f;
+    const float den = hi ? den_b : m_a + 1.0f;
+    const int e = hi ? e_b : e_a;
+    const float s = num / den;
+    const float s2 = s * s;
+    const float ln_m =
+        s * (2.0f + s2 * (0.6666666666666666f + s2 * (0.4f + s2 * (0.2857142857142857f + s2 * 0.2222222222222222f))));
+    const float ln_a = (float)e * 0.6931471805599453f + ln_m;
+    return sqrtf(-2.0f * ln_a);
+}
+
+// (cos, sin)(2 pi (u + 0.5) 2^-32) by exact integer quadrant reduction:
+// w = u + 2^29 (mod 2^32), q = w >> 30, psi = 2 pi (w mod 2^30 - 2^29 + 0.5) 2^-32 in [-pi/4, pi/4],
+// angle = q pi/2 + psi; Taylor series of sin/cos psi to psi^9 / psi^10.
+__device__ __forceinline__ void glag_cos_sin(unsigned int u, float* cos_out, float* sin_out) {
+    const unsigned int w = u + 0x20000000u;
+    const unsigned int q = w >> 30;
+    const int delta = (int)(w & 0x3FFFFFFFu) - 0x20000000;
+    const float psi = ((float)delta + 0.5f) * 1.4629180792671596e-09f;
+    const float p2 = psi * psi;
+    const float s = psi * (1.0f + p2 * (-0.16666666666666666f + p2 * (0.008333333333333333f +
+                                        p2 * (-0.0001984126984126984f + p2 * 2.7557319223985893e-06f))));
+    const float c = 1.0f + p2 * (-0.5f + p2 * (0.041666666666666664f + p2 * (-0.001388888888888889f +
+                                 p2 * (2.48015873015873e-05f + p2 * -2.755731922398589e-07f))));
+    float cv = (q & 1u) ? -s : c;
+    float sv = (q & 1u) ? c : s;
+    if (q >= 2u) {
+        cv = -cv;
+        sv = -sv;
+    }
+    *cos_out = cv;
+    *sin_out = sv;
+}
+
+// The four normals of Philox block (s, stream, blk, 0).
+__device__ __forceinline__ void glag_block_normals(unsigned int s, unsigned int stream, unsigned int blk,
+                                                   unsigned int k0, unsigned int k1, float* z) {
+    const glag_u4 u = glag_philox(s, stream, blk, 0u, k0, k1);
+    const float ra = glag_radius(u.x);
+    const float rb = glag_radius(u.z);
+    float ca, sa, cb, sb;
+    glag_cos_sin(u.y, &ca, &sa);
+    glag_cos_sin(u.w, &cb, &sb);
+    z[0] = ra * ca;
+    z[1] = ra * sa;
+    z[2] = rb * cb;
+    z[3] = rb * sb;
+}
+
+// x[s, :] = mu[seed_of[s], :] + e_s. One thread per (sample, block of 4 components), grid-stride.
+//   x: (n, d) float32; mu: (m, d) float32; seed_of: (n,) int64.
+extern "C" __global__ void glag_init_out(float* __restrict__ x, const float* __restrict__ mu,
+                                         const long long* __restrict__ seed_of, long long n, int d,
+                                         unsigned int k0, unsigned int k1, float sqrt_alpha, int diag) {
+    const long long nblk = (d + 3) / 4;
+    const long long total = n * nblk;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+        const long long s = idx / nblk;
+        const int b = (int)(idx - s * nblk);
+        const long long i = seed_of[s];
+        float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (sqrt_alpha > 0.0f) {
+            float z[4];
+            glag_block_normals((unsigned int)s, GLAG_DISPERSION_STREAM, diag ? (unsigned int)b : 0u, k0, k1, z);
+            for (int q = 0; q < 4; ++q) e[q] = sqrt_alpha * (diag ? z[q] : z[0]);
+        }
+        for (int q = 0; q < 4; ++q) {
+            const int c = 4 * b + q;
+            if (c < d) x[s * d + c] = mu[i * d + c] + e[q];
+        }
+    }
+}
+
+// One slot: x[rows[t], :] += sqrt(w[seed_of[rows[t]], slot]) * F_j z for the tiles of this slot.
+//   ft:      (R, d) float32, the factors transposed: rows offsets[j]..offsets[j+1] hold F_j^T.
+//   offsets: (C+1,) int64.     rows: (n,) int64 sample ids grouped by class for this slot.
+//   tiles:   (n_tiles, 3) int64: class j, first and one-past-last position in rows (<= 64 apart).
+//   seed_of: (n,) int64.       weights: (m, k) float32.
+// Block: 256 threads = 16 x 16; thread (ty, tx) owns rows ty*4..ty*4+3 of the tile and columns
+// n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory).
+// Per K step of 16 components, thread (g_row = tid / 4, g_blk = tid % 4) draws the 4 normals of
+// Philox block (c0 / 4 + g_blk) of its row: one Philox call per thread per step.
+template <int BN>
+__device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, const long long* __restrict__ offsets,
+                                               const long long* __restrict__ rows,
+                                               const long long* __restrict__ tiles,
+                                               const long long* __restrict__ seed_of,
+                                               const float* __restrict__ weights, int k, int slot, int d,
+                                               unsigned int k0, unsigned int k1, float* __restrict__ x) {
+    constexpr int BM = 64, BK = 16, TM = 4, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
+    __shared__ __align__(16) float a_s[BK * APAD];  // A^T tile: a_s[kk * APAD + row]
+    __shared__ __align__(16) float b_s[BK * BN];    // B tile:   b_s[kk * BN + col]
+    __shared__ long long row_s[BM];
+    __shared__ float scale_s[BM];
+
+    const int tid = threadIdx.x;
+    const int tx = tid & 15, ty = tid >> 4;
+    const long long* tile = tiles + 3 * (long long)blockIdx.x;
+    const long long cls = tile[0];
+    const long long t0 = tile[1];
+    const int tlen = (int)(tile[2] - t0);
+    const long long off = offsets[cls];
+    const int r = (int)(offsets[cls + 1] - off);
+    const int n0 = blockIdx.y * BN;
+
+    if (tid < BM) {
+        if (tid < tlen) {
+            const long long s = rows[t0 + tid];
+            row_s[tid] = s;
+            scale_s[tid] = sqrtf(weights[seed_of[s] * k + slot]);
+        } else {
+            row_s[tid] = -1;
+            scale_s[tid] = 0.0f;
+        }
+    }
+    __syncthreads();
+
+    const int g_row = tid >> 2, g_blk = tid & 3;
+    const long long g_s = row_s[g_row];
+    const float g_scale = scale_s[g_row];
+
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    for (int c0 = 0; c0 < r; c0 += BK) {
+        // A: normals, straight from the RNG into shared memory (zero past r and past the tile)
+        {
+            float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const int cb = c0 + 4 * g_blk;
+            if (g_s >= 0 && cb < r) {
+                glag_block_normals((unsigned int)g_s, (unsigned int)slot, (unsigned int)(cb >> 2), k0, k1, z);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) z[q] = (cb + q < r) ? g_scale * z[q] : 0.0f;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) a_s[(4 * g_blk + q) * APAD + g_row] = z[q];
+        }
+        // B: F_j^T rows c0..c0+15, columns n0..n0+BN-1 (coalesced along d)
+#pragma unroll
+        for (int p = 0; p < BK * BN / 256; ++p) {
+            const int idx = tid + 256 * p;
+            const int kk = idx / BN, nn = idx - (idx / BN) * BN;
+            const int c = c0 + kk, n = n0 + nn;
+            b_s[idx] = (c < r && n < d) ? ft[(off + c) * (long long)d + n] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            const float4 a = *reinterpret_cast<const float4*>(&a_s[kk * APAD + ty * TM]);
+            const float av[TM] = {a.x, a.y, a.z, a.w};
+            float bv[TN];
+#pragma unroll
+            for (int v = 0; v < NV; ++v) {
+                const float4 b = *reinterpret_cast<const float4*>(&b_s[kk * BN + 64 * v + 4 * tx]);
+                bv[4 * v] = b.x;
+                bv[4 * v + 1] = b.y;
+                bv[4 * v + 2] = b.z;
+                bv[4 * v + 3] = b.w;
+            }
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int row = ty * TM + i;
+        if (row < tlen) {
+            float* xr = x + row_s[row] * (long long)d;
+#pragma unroll
+            for (int v = 0; v < NV; ++v)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int n = n0 + 64 * v + 4 * tx + q;
+                    if (n < d) xr[n] += acc[i][4 * v + q];
+                }
+        }
+    }
+}
+
+#define GLAG_SLOT_GEMM_ARGS                                                                          \
+    const float *__restrict__ ft, const long long *__restrict__ offsets, const long long *__restrict__ rows, \
+        const long long *__restrict__ tiles, const long long *__restrict__ seed_of,                  \
+        const float *__restrict__ weights, int k, int slot, int d, unsigned int k0, unsigned int k1, \
+        float *__restrict__ x
+
+// BN = 256 columns a block (d >= 256: each normal serves 256 FMAs per draw), BN = 64 for small d.
+extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
+    glag_slot_gemm<256>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x);
+}
+
+extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_bn64(GLAG_SLOT_GEMM_ARGS) {
+    glag_slot_gemm<64>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x);
+}
+
+// Test hook: the normals of blocks (samples[i], stream, blocks[i], 0) -> out[i, 0..3].
+extern "C" __global__ void glag_block_normals_kernel(const long long* __restrict__ samples,
+                                                     const long long* __restrict__ blocks, long long n,
+                                                     unsigned int stream, unsigned int k0, unsigned int k1,
+                                                     float* __restrict__ out) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) glag_block_normals((unsigned int)samples[i], stream, (unsigned int)blocks[i], k0, k1, out + 4 * i);
+}

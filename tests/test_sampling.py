@@ -1,0 +1,265 @@
+"""The calibrated sampler (glag.sampling): factors, moments, RNG agreement, modes, backends.
+
+METHOD.md, "Sampling without a Cholesky per sample": x = mu' + sum_i sqrt(w_i) F_i z_i + e has
+covariance Sigma' = sum_i w_i Sigma_i + alpha (1 1^T, mode "all" | I, mode "diag").
+"""
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from glag import sampling
+from glag.sampling import FactorBank, class_factor, sample_calibrated
+
+CPU_BACKENDS = ["numba", "torch"]
+
+
+def _problem(d=7, ns=(1, 4, 12, 30), m=5, k=3, seed=0, counts=None):
+    """A small bank (class sizes ``ns``: r = 0, n <= d and n > d factors) and seed rows."""
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(n, d, generator=g) * (0.5 + j) for j, n in enumerate(ns)]
+    bank = FactorBank.from_factors([class_factor(x) for x in feats])
+    mu = torch.randn(m, d, generator=g) * 3
+    support = torch.stack([torch.randperm(len(ns), generator=g)[:k] for _ in range(m)])
+    w = torch.rand(m, k, generator=g) + 0.1
+    w = w / w.sum(1, keepdim=True)
+    if counts is None:
+        counts = torch.randint(0, 40, (m,), generator=g)
+    labels = torch.arange(m) * 10 + 3
+    return bank, mu, support, w, torch.as_tensor(counts), labels, feats
+
+
+def _dense_cov(bank, support_row, w_row, alpha, mode, d):
+    """Sigma' = sum_i w_i F_i F_i^T + alpha (1 1^T or I), float64 (METHOD.md, Calibration)."""
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for j, wj in zip(support_row.tolist(), w_row.tolist()):
+        f = bank.factor(j).double()
+        cov += wj * f @ f.T
+    extra = torch.ones(d, d) if mode == "all" else torch.eye(d)
+    return cov + alpha * extra.double()
+
+
+# ------------------------------------------------------------------ factors and the bank
+def test_class_factor_n_le_d_is_centered_data():
+    x = torch.randn(5, 9, dtype=torch.float64)
+    f = class_factor(x)
+    assert f.shape == (9, 5) and f.dtype == torch.float32
+    torch.testing.assert_close((f.double() @ f.double().T), torch.cov(x.T), rtol=1e-5, atol=1e-6)
+
+
+def test_class_factor_n_gt_d_is_lower_cholesky():
+    x = torch.randn(50, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    f = class_factor(x)
+    assert f.shape == (6, 6)
+    assert torch.equal(f, torch.tril(f))
+    torch.testing.assert_close(f.double() @ f.double().T, torch.cov(x.T), rtol=1e-5, atol=1e-5)
+
+
+def test_class_factor_single_sample_has_rank_zero():
+    f = class_factor(torch.randn(1, 4))
+    assert f.shape == (4, 0)
+
+
+def test_class_factor_singular_covariance_gets_logged_jitter(caplog):
+    x = torch.randn(40, 5, dtype=torch.float64)
+    x[:, 2] = 0.0  # a dead ReLU unit: zero variance
+    with caplog.at_level(logging.WARNING, logger="glag.sampling"):
+        f = class_factor(x)
+    assert "jitter" in caplog.text
+    assert torch.isfinite(f).all()
+    torch.testing.assert_close(f.double() @ f.double().T, torch.cov(x.T), rtol=1e-4, atol=1e-6)
+
+
+def test_factor_bank_packs_factors():
+    fs = [torch.randn(4, 3), torch.zeros(4, 0), torch.randn(4, 4)]
+    bank = FactorBank.from_factors(fs)
+    assert bank.data.shape == (4, 7) and bank.data.dtype == torch.float32
+    assert bank.offsets.tolist() == [0, 3, 3, 7]
+    assert bank.ranks.tolist() == [3, 0, 4] and bank.num_classes == 3 and bank.dim == 4
+    torch.testing.assert_close(bank.factor(2), fs[2])
+    torch.testing.assert_close(bank.transposed("cpu"), bank.data.T)
+    with pytest.raises(ValueError):
+        FactorBank.from_factors([torch.randn(4, 2), torch.randn(5, 2)])
+
+
+# ------------------------------------------------------------------ moments (10^5 samples)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode,alpha", [("all", 0.0), ("all", 0.1), ("diag", 0.1)])
+def test_moments_match_calibrated_mean_and_covariance(backend, mode, alpha):
+    """1e5 samples of one seed row: mean -> mu', covariance -> Sigma', within statistical error.
+
+    Support: one class with n_c > d (Cholesky factor), one with n_c <= d (centred data).
+    """
+    d, n = 6, 100_000
+    bank, mu, _, _, _, _, _ = _problem(d=d, ns=(40, 4), m=1)
+    support = torch.tensor([[0, 1]])
+    w = torch.tensor([[0.7, 0.3]])
+    x, y = sample_calibrated(bank, mu, support, w, torch.tensor([n]), torch.tensor([9]),
+                             alpha=alpha, mode=mode, seed=123, backend=backend)
+    assert x.shape == (n, d) and (y == 9).all()
+    cov = _dense_cov(bank, support[0], w[0], alpha, mode, d).numpy()
+    xs = x.double().numpy()
+    se = np.sqrt(np.diag(cov) / n)
+    assert np.all(np.abs(xs.mean(0) - mu[0].double().numpy()) < 5 * se)
+    emp = np.cov(xs, rowvar=False)
+    sd = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)  # sd of a covariance entry
+    assert np.all(np.abs(emp - cov) < 5 * sd)
+
+
+def test_alpha_modes_shape_the_noise():
+    """With no factors, x - mu' is alpha's noise alone: one shared scalar ("all") or i.i.d. ("diag")."""
+    d, n, alpha = 5, 20_000, 0.25
+    bank = FactorBank.from_factors([torch.zeros(d, 0)])
+    mu = torch.zeros(1, d)
+    args = (bank, mu, torch.tensor([[0]]), torch.tensor([[1.0]]), torch.tensor([n]), torch.tensor([0]))
+    e_all, _ = sample_calibrated(*args, alpha=alpha, mode="all", seed=5, backend="numba")
+    e_diag, _ = sample_calibrated(*args, alpha=alpha, mode="diag", seed=5, backend="numba")
+    assert torch.equal(e_all, e_all[:, :1].expand(n, d))  # the same scalar on every component
+    assert abs(e_all[:, 0].var().item() - alpha) < 5 * alpha * np.sqrt(2 / n)
+    c = np.cov(e_diag.double().numpy(), rowvar=False)
+    assert np.abs(c - alpha * np.eye(d)).max() < 5 * alpha * np.sqrt(2 / n)
+    zero, _ = sample_calibrated(*args, alpha=0.0, mode="diag", seed=5, backend="numba")
+    assert torch.equal(zero, torch.zeros(n, d))
+
+
+# ------------------------------------------------------------------ exact RNG agreement
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode,alpha", [("all", 0.0), ("all", 0.1), ("diag", 0.2)])
+def test_numba_matches_reference(k, mode, alpha):
+    """Same seed -> same samples on numba and the float64 reference, to float32 rounding.
+
+    The bank has r = 0 (n_c = 1), n_c <= d (r not a multiple of 4) and n_c > d factors.
+    """
+    bank, mu, support, w, counts, labels, _ = _problem(d=13, ns=(1, 6, 13, 40, 9), m=9, k=k)
+    counts[2] = 0  # a seed row that draws nothing
+    seed = 2**40 + 17
+    xr, yr = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, seed, backend="torch")
+    xn, yn = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, seed, backend="numba")
+    assert torch.equal(yr, yn)
+    assert xn.dtype == torch.float32 and xn.shape == xr.shape == (int(counts.sum()), 13)
+    rel = (xn - xr).abs().max() / xr.abs().max()
+    assert rel <= 1e-5, rel
+
+
+def test_numba_matches_reference_larger_d_and_tiles():
+    """d = 70, class sizes around d, several GEMM tiles per group (tile = 256 rows)."""
+    bank, mu, support, w, counts, labels, _ = _problem(d=70, ns=(50, 70, 71, 200), m=6, k=2,
+                                                       counts=[300, 5, 0, 600, 1, 77])
+    xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "diag", 3, backend="torch")
+    from glag.kernels import cpu
+
+    out = np.empty(tuple(xr.shape), np.float32)
+    cpu.sample_numba(bank.transposed("cpu").numpy(), bank.offsets.numpy(), mu.numpy(), support.numpy(),
+                     w.numpy(), counts.numpy(), out, alpha=0.1, mode="diag", seed=3, tile=256)
+    rel = (torch.from_numpy(out) - xr).abs().max() / xr.abs().max()
+    assert rel <= 1e-5, rel
+
+
+def test_layout_labels_and_determinism():
+    bank, mu, support, w, counts, labels, _ = _problem(counts=[3, 0, 2, 4, 1])
+    x, y = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "all", seed=11)
+    assert y.tolist() == [3] * 3 + [23] * 2 + [33] * 4 + [43]  # seed rows contiguous, in order
+    x2, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "all", seed=11)
+    x3, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "all", seed=12)
+    assert torch.equal(x, x2) and not torch.allclose(x, x3)
+    # the samples of a row depend on their global index, not on the rest of the call
+    x4, _ = sample_calibrated(bank, mu[:1], support[:1], w[:1], counts[:1], labels[:1], 0.1, "all", seed=11)
+    assert torch.equal(x4, x[:3])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_call(backend):
+    bank, mu, support, w, _, labels, _ = _problem()
+    x, y = sample_calibrated(bank, mu, support, w, torch.zeros(5, dtype=torch.int64), labels, backend=backend)
+    assert x.shape == (0, 7) and y.shape == (0,)
+
+
+def test_input_validation():
+    bank, mu, support, w, counts, labels, _ = _problem()
+    with pytest.raises(ValueError, match="mode"):
+        sample_calibrated(bank, mu, support, w, counts, labels, mode="full")
+    with pytest.raises(ValueError, match="alpha"):
+        sample_calibrated(bank, mu, support, w, counts, labels, alpha=-1.0)
+    with pytest.raises(ValueError, match="support"):
+        sample_calibrated(bank, mu, support + 10, w, counts, labels)
+    with pytest.raises(ValueError, match="weights"):
+        sample_calibrated(bank, mu, support, -w, counts, labels)
+    with pytest.raises(ValueError, match="d ="):
+        sample_calibrated(bank, mu[:, :3], support, w, counts, labels)
+
+
+# ------------------------------------------------------------------ backend choice
+@pytest.fixture
+def fresh_backends(monkeypatch):
+    """Forget the probed availability and the once-only log messages."""
+    monkeypatch.setattr(sampling, "_availability", {})
+    monkeypatch.setattr(sampling, "_logged", set())
+    monkeypatch.delenv(sampling.ENV_BACKEND, raising=False)
+    return monkeypatch
+
+
+def test_fallback_when_cupy_is_missing(fresh_backends, caplog):
+    fresh_backends.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    fresh_backends.setenv(sampling.ENV_BACKEND, "cuda")
+    assert "cuda" not in sampling.available_backends()
+    with caplog.at_level(logging.INFO, logger="glag.sampling"):
+        assert sampling.resolve_backend() == "numba"
+        assert sampling.resolve_backend() == "numba"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # logged once, not silent
+    assert "falling back to 'numba'" in warnings[0].getMessage() and "CuPy" in warnings[0].getMessage()
+    # and a full call with the forced backend still samples
+    bank, mu, support, w, counts, labels, _ = _problem()
+    x, _ = sample_calibrated(bank, mu, support, w, counts, labels, seed=1)
+    xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, seed=1, backend="torch")
+    assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
+
+
+def test_fallback_to_torch_when_numba_is_missing(fresh_backends, caplog):
+    fresh_backends.setitem(sys.modules, "cupy", None)
+    fresh_backends.setitem(sys.modules, "glag.kernels.cpu", None)
+    with caplog.at_level(logging.INFO, logger="glag.sampling"):
+        assert sampling.available_backends() == ["torch"]
+        assert sampling.resolve_backend("numba") == "torch"
+        assert sampling.resolve_backend(None) == "torch"
+    assert "falling back to 'torch'" in caplog.text
+    assert "backend: torch (auto" in caplog.text
+
+
+def test_env_forces_backend_and_bad_names_fail(fresh_backends, caplog):
+    fresh_backends.setenv(sampling.ENV_BACKEND, "torch")
+    with caplog.at_level(logging.INFO, logger="glag.sampling"):
+        assert sampling.resolve_backend() == "torch"
+    assert "torch (requested)" in caplog.text
+    assert sampling.resolve_backend("numba") == "numba"  # an explicit argument wins over the env
+    fresh_backends.setenv(sampling.ENV_BACKEND, "fortran")
+    with pytest.raises(ValueError, match="fortran"):
+        sampling.resolve_backend()
+
+
+def test_numba_without_scipy_blas_uses_loops(monkeypatch):
+    """Without scipy (numba's np.dot needs it) the products run in plain loops: same numbers."""
+    from glag.kernels import cpu
+
+    monkeypatch.setitem(cpu._BLAS, "probed", True)
+    monkeypatch.setitem(cpu._BLAS, "have_dot", False)
+    monkeypatch.setitem(cpu._BLAS, "threads", None)
+    bank, mu, support, w, counts, labels, _ = _problem(d=9, ns=(3, 9, 20), m=4, k=2, counts=[5, 0, 7, 2])
+    x, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "all", 5, backend="numba")
+    xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "all", 5, backend="torch")
+    assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
+
+
+def test_blas_threads_pinned_during_the_call_and_restored():
+    from glag.kernels import cpu
+
+    threads = cpu._blas()["threads"]
+    if threads is None:
+        pytest.skip("no scipy OpenBLAS to pin here")
+    get, put = threads
+    before = get()
+    with cpu._single_threaded_blas():
+        assert get() == 1
+    assert get() == before

@@ -1,0 +1,210 @@
+"""The CUDA backend (kernels/calibrated_sampler.cu through CuPy).
+
+Tests marked ``gpu`` need CuPy and a CUDA GPU and skip without them (``pytest -m gpu``).
+The first test needs neither: it compiles the CUDA C source as C++ with a small shim (one
+std::thread per CUDA thread, a std::barrier for ``__syncthreads``, blocks one at a time) and
+checks the kernels' indexing, tiling and RNG against the reference on the CPU, so CI without a
+GPU still exercises the kernel code.
+"""
+import ctypes
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from glag import sampling
+from glag.kernels import cuda as kcuda
+from glag.kernels import reference
+from glag.sampling import FactorBank, class_factor, sample_calibrated
+
+_OK, _WHY = kcuda.is_available()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not _OK, reason=f"cuda backend unavailable: {_WHY}")
+
+SHIM = r"""
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+struct glag_dim3 { unsigned int x, y, z; };
+static glag_dim3 blockIdx, gridDim, blockDim;  // blocks run one at a time
+static thread_local glag_dim3 threadIdx;
+static std::barrier<>* glag_emu_barrier;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+static inline void __syncthreads() { glag_emu_barrier->arrive_and_wait(); }
+static inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+    return (unsigned int)(((unsigned long long)a * b) >> 32);
+}
+static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+struct alignas(16) float4 { float x, y, z, w; };
+#include "calibrated_sampler.cu"
+template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F body) {
+    gridDim = {gx, gy, 1};
+    blockDim = {256, 1, 1};
+    for (unsigned int by = 0; by < gy; ++by)
+        for (unsigned int bx = 0; bx < gx; ++bx) {
+            blockIdx = {bx, by, 0};
+            std::barrier<> bar(256);
+            glag_emu_barrier = &bar;
+            std::vector<std::thread> threads;
+            for (unsigned int t = 0; t < 256; ++t)
+                threads.emplace_back([&, t] { threadIdx = {t, 0, 0}; body(); });
+            for (auto& th : threads) th.join();
+        }
+}
+extern "C" void emu_init_out(float* x, const float* mu, const long long* seed_of, long long n, int d,
+                             unsigned int k0, unsigned int k1, float sqrt_alpha, int diag, unsigned int grid) {
+    emu_launch(grid, 1, [&] { glag_init_out(x, mu, seed_of, n, d, k0, k1, sqrt_alpha, diag); });
+}
+extern "C" void emu_slot_gemm(int bn, const float* ft, const long long* offsets, const long long* rows,
+                              const long long* tiles, long long n_tiles, const long long* seed_of,
+                              const float* weights, int k, int slot, int d, unsigned int k0, unsigned int k1,
+                              float* x) {
+    const unsigned int gy = (unsigned int)((d + bn - 1) / bn);
+    if (bn == 256)
+        emu_launch((unsigned int)n_tiles, gy, [&] {
+            glag_slot_gemm_bn256(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
+    else
+        emu_launch((unsigned int)n_tiles, gy, [&] {
+            glag_slot_gemm_bn64(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
+}
+"""
+
+
+def _problem(d, ns, m, k, counts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bank = FactorBank.from_factors([class_factor(torch.randn(n, d, generator=g) * (1 + j % 3))
+                                    for j, n in enumerate(ns)])
+    mu = torch.randn(m, d, generator=g) * 2
+    support = torch.stack([torch.randperm(len(ns), generator=g)[:k] for _ in range(m)])
+    w = torch.rand(m, k, generator=g) + 0.05
+    return bank, mu, support, w / w.sum(1, keepdim=True), torch.tensor(counts), torch.arange(m)
+
+
+# ------------------------------------------------------------------ the CUDA source on the CPU
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found: cannot emulate the CUDA source on the CPU")
+    out = tmp_path_factory.mktemp("cuda_emu")
+    (out / "shim.cpp").write_text(SHIM)
+    lib = out / "emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+           f"-I{kcuda.SOURCE.parent}", str(out / "shim.cpp"), "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 and "barrier" in res.stderr:
+        pytest.skip("this g++ has no C++20 <barrier>")
+    assert res.returncode == 0, res.stderr
+    return ctypes.CDLL(str(lib))
+
+
+def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed):
+    """The host side of kernels/cuda.py (same tiling helper), with the kernels run on the CPU."""
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    m, d = mu.shape
+    k = support.shape[1]
+    n = int(counts.sum())
+    ft = bank.transposed("cpu").numpy()
+    off = bank.offsets.numpy()
+    seed_of = torch.repeat_interleave(torch.arange(m), counts).numpy()
+    mu_n, w_n = mu.numpy(), w.numpy()
+    x = np.empty((n, d), np.float32)
+    k0, k1 = reference.seed_key(seed)
+    grid = min((n * ((d + 3) // 4) + 255) // 256, 3)  # a small grid: the grid-stride loop runs
+    lib.emu_init_out(ptr(x), ptr(mu_n), ptr(seed_of), ctypes.c_longlong(n), ctypes.c_int(d),
+                     ctypes.c_uint(k0), ctypes.c_uint(k1), ctypes.c_float(alpha**0.5), ctypes.c_int(mode == "diag"),
+                     ctypes.c_uint(grid))
+    starts = torch.cumsum(counts, 0) - counts
+    bn = 256 if d >= 256 else 64
+    for slot in range(k):
+        rows, tiles = kcuda._slot_tiles(support[:, slot].contiguous(), counts, starts, bank.ranks, n)
+        rows, tiles = rows.numpy(), tiles.numpy()
+        assert np.all(tiles[:, 2] - tiles[:, 1] <= kcuda.TILE_ROWS)
+        if len(tiles):
+            lib.emu_slot_gemm(ctypes.c_int(bn), ptr(ft), ptr(off), ptr(rows), ptr(tiles), ctypes.c_longlong(len(tiles)),
+                              ptr(seed_of), ptr(w_n), ctypes.c_int(k), ctypes.c_int(slot), ctypes.c_int(d),
+                              ctypes.c_uint(k0), ctypes.c_uint(k1), ptr(x))
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("d,mode,alpha", [(37, "all", 0.1), (300, "diag", 0.2)])
+def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, mode, alpha):
+    """BN = 64 (d = 37) and BN = 256 (d = 300, two column blocks); tiles of 64 rows, partial
+    tiles, r = 0 / r < 16 / r not a multiple of 16 / r = d, a seed row with no samples."""
+    bank, mu, support, w, counts, labels = _problem(d, ns=(1, 5, 20, 37, 70, 400), m=6, k=3,
+                                                    counts=[0, 3, 70, 1, 130, 9])
+    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5)
+    xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, 2**33 + 5, backend="torch")
+    assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------ on a GPU
+@gpu
+@needs_gpu
+def test_cuda_normals_match_reference():
+    rs = np.random.RandomState(0)
+    s = rs.randint(0, 2**32, 50_000, dtype=np.uint64)
+    b = rs.randint(0, 2**32, 50_000, dtype=np.uint64)
+    got = kcuda.block_normals_cuda(99, torch.as_tensor(s.astype(np.int64), device="cuda"), 2,
+                                   torch.as_tensor(b.astype(np.int64), device="cuda"))
+    np.testing.assert_allclose(got.cpu().numpy(), reference.block_normals(99, s, 2, b), rtol=0, atol=2e-6)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("d", [13, 64, 300, 2048])
+@pytest.mark.parametrize("k,mode,alpha", [(1, "all", 0.0), (2, "all", 0.1), (3, "diag", 0.2)])
+def test_cuda_matches_reference(d, k, mode, alpha):
+    bank, mu, support, w, counts, labels = _problem(d, ns=(1, 6, 17, d, d + 40, 80), m=7, k=k,
+                                                    counts=[0, 3, 70, 1, 130, 9, 64])
+    dev = torch.device("cuda")
+    args = [t.to(dev) for t in (mu, support, w, counts, labels)]
+    bank_gpu = FactorBank(bank.data.to(dev), bank.offsets)
+    x, y = sample_calibrated(bank_gpu, *args, alpha=alpha, mode=mode, seed=7, backend="cuda")
+    xr, yr = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, 7, backend="torch")
+    assert x.is_cuda and y.is_cuda and torch.equal(y.cpu(), yr)
+    assert (x.cpu() - xr).abs().max() / xr.abs().max() <= 1e-5
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("mode,alpha", [("all", 0.1), ("diag", 0.1)])
+def test_cuda_moments(mode, alpha):
+    d, n = 6, 100_000
+    bank, mu, _, _, _, _ = _problem(d, ns=(40, 4), m=1, k=2, counts=[n])
+    support, w = torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]])
+    x, _ = sample_calibrated(bank, mu.cuda(), support.cuda(), w.cuda(), torch.tensor([n]).cuda(),
+                             torch.tensor([0]).cuda(), alpha, mode, seed=1, backend="cuda")
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for j, wj in zip([0, 1], [0.7, 0.3]):
+        f = bank.factor(j).double()
+        cov += wj * f @ f.T
+    cov += alpha * (torch.ones(d, d) if mode == "all" else torch.eye(d)).double()
+    xs = x.double().cpu().numpy()
+    cov = cov.numpy()
+    assert np.all(np.abs(xs.mean(0) - mu[0].double().numpy()) < 5 * np.sqrt(np.diag(cov) / n))
+    sd = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
+    assert np.all(np.abs(np.cov(xs, rowvar=False) - cov) < 5 * sd)
+
+
+@gpu
+@needs_gpu
+def test_cuda_with_cpu_inputs_returns_cpu_and_auto_prefers_cuda(monkeypatch):
+    monkeypatch.setattr(sampling, "_availability", {})
+    monkeypatch.delenv(sampling.ENV_BACKEND, raising=False)
+    assert sampling.resolve_backend() == "cuda"
+    bank, mu, support, w, counts, labels = _problem(20, ns=(5, 30, 3), m=4, k=2, counts=[10, 0, 5, 7])
+    x, y = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "all", 3, backend="cuda")
+    xn, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "all", 3, backend="numba")
+    assert x.device.type == "cpu" and y.device.type == "cpu"
+    assert (x - xn).abs().max() / xn.abs().max() <= 1e-5

@@ -1,0 +1,563 @@
+"""Benchmark the calibrated sampler against its baselines, side by side, in one run (glag-bench).
+
+    glag-bench --quick                                   # a few minutes on a 2-core CPU
+    glag-bench --out bench_kernel.json --plot bench_kernel.png
+    glag-bench --profiles imagenet-lt --dims 2048 --ks 3 --device cuda
+
+For each long-tail profile (CIFAR-100-LT, ImageNet-LT, iNaturalist 2018 class counts), feature
+dimension d and support size k, it builds one stage-two epoch's sampling job the way glag does
+(every class topped up to n_max, quota spread over its real samples, k head-class supports per
+seed, factors of rank min(n_j, d)), takes a random subset of the seed rows sized to a fixed
+amount of work, and times on the same job:
+
+* ``dc-numpy``      Free-Lunch DC style: per seed, the dense Sigma' (from precomputed class
+                    covariances) and ``numpy.random.multivariate_normal`` (an SVD per seed);
+                    on a few seeds, reported as samples/s;
+* ``torch-mvn``     ``torch.distributions.MultivariateNormal`` with a batched Cholesky of the
+                    dense Sigma' per seed (on a subset);
+* ``torch-lowrank`` the same low-rank math as glag in plain torch: ``torch.randn`` + one matmul
+                    per (slot, support class) group + ``index_add_``;
+* ``glag-<backend>`` :func:`glag.sampling.sample_calibrated` with each available backend (the
+                    ``torch`` reference on a subset: it is the slow oracle);
+* ``gemm-*``        this machine's float32 GEMM rate on exactly the (rows x r_j) @ (r_j x d)
+                    products of the job: whole groups in torch (``gemm-torch``) and numpy
+                    (``gemm-numpy``), and the numba backend's own tiles with one single-threaded
+                    BLAS call per thread (``gemm-tiles``); the best of them is the ceiling.
+
+FLOPs are the useful ones, 2 r_j d per sample and slot. Every timing is the best of
+``--repeats`` runs, the methods interleaved so they share the machine's load. The table gives
+samples/s, GFLOP/s, % of the GEMM ceiling and each glag backend's speed-up over each baseline;
+the JSON has it all, plus the targets of DESIGN.md ("Performance targets") and the projected
+time of an ImageNet-LT-sized epoch (d = 2048, k = 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------- long-tail profiles
+# Piecewise log-linear class counts through (rank, count) anchors. ImageNet-LT: 1000 classes,
+# 1280..5 images, 385 / 479 / 136 Many / Medium / Few (113k images; the real split has 115.8k).
+# iNaturalist 2018: 8142 classes, 1000..2 images, 842 / 4076 / 3224 (432k; the real one 437.5k).
+_ANCHORS = {
+    "imagenet-lt": (1000, [(0, 1280), (10, 500), (100, 250), (384, 101), (385, 100), (863, 20), (864, 19), (999, 5)]),
+    "inat2018": (8142, [(0, 1000), (50, 400), (841, 101), (842, 100), (4917, 20), (4918, 19), (8141, 2)]),
+}
+PROFILES = ("cifar100-lt", "imagenet-lt", "inat2018")
+HEAD_MIN = 100  # head = n_c > 100 (METHOD.md, step 3)
+
+
+def profile_counts(name: str) -> np.ndarray:
+    """(C,) training images per class of a long-tail profile, head first."""
+    if name == "cifar100-lt":  # LDAM-DRW, imbalance factor 100: 10,847 images
+        return np.array([int(500 * 0.01 ** (i / 99)) for i in range(100)], dtype=np.int64)
+    n_cls, anchors = _ANCHORS[name]
+    xs, ys = zip(*anchors)
+    return np.floor(np.exp(np.interp(np.arange(n_cls), xs, np.log(ys))) + 0.5).astype(np.int64)
+
+
+# ---------------------------------------------------------------- one sampling job
+@dataclass
+class Job:
+    profile: str
+    d: int
+    k: int
+    bank: object  # glag.sampling.FactorBank over the head classes
+    mu: torch.Tensor
+    support: torch.Tensor
+    weights: torch.Tensor
+    counts: torch.Tensor
+    labels: torch.Tensor
+    n_epoch: int  # samples in a whole epoch of this profile
+    m_epoch: int  # seed rows in a whole epoch
+    alpha: float
+    mode: str
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    def flops(self, rows=None) -> float:
+        """Useful FLOPs: 2 r_j d per sample and slot (of all seed rows, or of ``rows``)."""
+        sup = self.support if rows is None else self.support[rows]
+        cnt = self.counts if rows is None else self.counts[rows]
+        ranks = self.bank.ranks.to(sup.device)
+        return float(2 * self.d * (ranks[sup].sum(1) * cnt).sum())
+
+    def subset(self, rows):
+        return Job(self.profile, self.d, self.k, self.bank, self.mu[rows], self.support[rows],
+                   self.weights[rows], self.counts[rows], self.labels[rows], self.n_epoch, self.m_epoch,
+                   self.alpha, self.mode)
+
+
+def build_job(profile: str, d: int, k: int, work_flops: float, rng: np.random.Generator, device,
+              alpha: float, mode: str) -> Job:
+    """An epoch of ``profile`` cut to about ``work_flops`` useful FLOPs (whole epoch if smaller)."""
+    from glag.sampling import FactorBank
+
+    n_c = profile_counts(profile)
+    n_max = int(n_c.max())
+    head = np.flatnonzero(n_c > HEAD_MIN)
+    # seed rows: every real sample of a class below n_max; its quota spread evenly, rest at random
+    seed_cls = np.repeat(np.arange(len(n_c)), np.where(n_c < n_max, n_c, 0))
+    counts = np.zeros(len(seed_cls), np.int64)
+    first = np.concatenate([[0], np.cumsum(np.where(n_c < n_max, n_c, 0))])
+    for c in np.flatnonzero(n_c < n_max):
+        quota, rows = n_max - n_c[c], np.arange(first[c], first[c + 1])
+        counts[rows] = quota // len(rows)
+        counts[rng.choice(rows, quota % len(rows), replace=False)] += 1
+    n_epoch, m_epoch = int(counts.sum()), len(counts)
+    ranks = np.minimum(n_c[head], d)  # F_j: d x n_j (n_j <= d) or d x d Cholesky
+    per_sample = 2.0 * d * k * float(ranks.mean())
+    order = rng.permutation(m_epoch)
+    take = int(np.searchsorted(np.cumsum(counts[order]), work_flops / per_sample)) + 1
+    rows = np.sort(order[:take])
+    m = len(rows)
+    support = np.stack([rng.choice(len(head), k, replace=False) for _ in range(m)])
+    w = rng.random((m, k)).astype(np.float32) + 0.2
+    w /= w.sum(1, keepdims=True)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    # the bank, built transposed: F_j^T rows are contiguous, bank.data is a view
+    f_t = torch.randn(int(ranks.sum()), d, generator=gen) * 0.3
+    offsets = torch.zeros(len(head) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.as_tensor(ranks), 0)
+    bank = FactorBank(f_t.to(device).t(), offsets)
+    as_t = lambda a, dt: torch.as_tensor(a, dtype=dt).to(device)  # noqa: E731
+    return Job(profile, d, k, bank, torch.randn(m, d, generator=gen).to(device), as_t(support, torch.int64),
+               as_t(w, torch.float32), as_t(counts[rows], torch.int64), as_t(seed_cls[rows], torch.int64),
+               n_epoch, m_epoch, alpha, mode)
+
+
+def _rows_up_to(job: Job, n_samples: int) -> torch.Tensor:
+    """The first seed rows (with samples) whose counts add up to about ``n_samples``."""
+    nz = torch.nonzero(job.counts > 0).flatten()
+    cum = torch.cumsum(job.counts[nz], 0)
+    return nz[: max(int(torch.searchsorted(cum, torch.tensor(n_samples, device=cum.device))) + 1, 1)]
+
+
+# ---------------------------------------------------------------- the methods
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _dense_cov(job: Job, classes, dtype=torch.float64):
+    """{class: Sigma_j = F_j F_j^T} for the given classes (precomputed, as DC does)."""
+    out = {}
+    for j in classes:
+        f = job.bank.factor(int(j)).to(dtype)
+        out[int(j)] = f @ f.T
+    return out
+
+
+def make_dc(job: Job, max_seconds: float, max_seeds: int):
+    """DC style: per seed, dense Sigma' = sum_i w_i Sigma_i + alpha, ``np.random.multivariate_normal``."""
+    rows = torch.nonzero(job.counts > 0).flatten()[:max_seeds].cpu()
+    sub = job.subset(rows.to(job.counts.device))
+    covs = {j: c.cpu().numpy() for j, c in _dense_cov(job, torch.unique(sub.support).tolist()).items()}
+    mu, sup, w, cnt = sub.mu.cpu().double().numpy(), sub.support.cpu().numpy(), sub.weights.cpu().double().numpy(), sub.counts.cpu().numpy()
+    extra = np.ones((job.d, job.d)) if job.mode == "all" else np.eye(job.d)
+    rs = np.random.RandomState(0)
+
+    def run():
+        t0, n_done = time.perf_counter(), 0
+        for i in range(len(cnt)):
+            cov = sum(w[i, s] * covs[sup[i, s]] for s in range(job.k)) + job.alpha * extra
+            rs.multivariate_normal(mu[i], cov, size=int(cnt[i]))
+            n_done += int(cnt[i])
+            if time.perf_counter() - t0 > max_seconds:
+                break
+        return n_done
+    return run
+
+
+def make_mvn(job: Job, max_seeds: int):
+    """``torch.distributions.MultivariateNormal``, dense Sigma' per seed, batched Cholesky."""
+    device = job.mu.device
+    rows = torch.nonzero(job.counts > 0).flatten()[:max_seeds]
+    sub = job.subset(rows)
+    classes = torch.unique(sub.support).tolist()
+    covs = _dense_cov(job, classes, torch.float32)
+    stack = torch.stack([covs[j] for j in classes])
+    index = torch.full((job.bank.num_classes,), -1, dtype=torch.int64, device=device)
+    index[torch.as_tensor(classes, device=device)] = torch.arange(len(classes), device=device)
+    extra = (torch.ones(job.d, job.d) if job.mode == "all" else torch.eye(job.d)).to(device)
+    batch = max(1, min(64, (256 << 20) // (4 * job.d * job.d)))
+    cnt = sub.counts.tolist()
+
+    def run():
+        n_done = 0
+        for a in range(0, len(cnt), batch):
+            b = min(a + batch, len(cnt))
+            cov = torch.einsum("bk,bkij->bij", sub.weights[a:b], stack[index[sub.support[a:b]]]) + job.alpha * extra
+            dist = torch.distributions.MultivariateNormal(sub.mu[a:b], covariance_matrix=cov)  # batched Cholesky
+            for i in range(b - a):
+                torch.distributions.MultivariateNormal(sub.mu[a + i], scale_tril=dist.scale_tril[i]).sample((cnt[a + i],))
+                n_done += cnt[a + i]
+        return n_done
+    return run, sub.n
+
+
+def make_lowrank(job: Job):
+    """glag's low-rank math in plain torch: randn + one matmul per (slot, class) + index_add_."""
+    device = job.mu.device
+    bank_t = job.bank.transposed(device)
+    off = job.bank.offsets.tolist()
+
+    def run():
+        seed_of = torch.repeat_interleave(torch.arange(job.mu.shape[0], device=device), job.counts)
+        n = seed_of.numel()
+        x = job.mu[seed_of]
+        if job.alpha > 0:
+            x += math.sqrt(job.alpha) * torch.randn(n, job.d if job.mode == "diag" else 1, device=device)
+        for slot in range(job.k):
+            cls = job.support[seed_of, slot]
+            order = torch.argsort(cls, stable=True)
+            ptr = [0] + torch.cumsum(torch.bincount(cls, minlength=job.bank.num_classes), 0).tolist()
+            sw = job.weights[seed_of, slot].sqrt()
+            for j in range(job.bank.num_classes):
+                if ptr[j + 1] == ptr[j] or off[j + 1] == off[j]:
+                    continue
+                idx = order[ptr[j]:ptr[j + 1]]
+                z = torch.randn(len(idx), off[j + 1] - off[j], device=device) * sw[idx, None]
+                x.index_add_(0, idx, z @ bank_t[off[j]:off[j + 1]])
+        return n
+    return run
+
+
+def make_glag(job: Job, backend: str):
+    from glag.sampling import sample_calibrated
+
+    def run():
+        x, _ = sample_calibrated(job.bank, job.mu, job.support, job.weights, job.counts, job.labels,
+                                 alpha=job.alpha, mode=job.mode, seed=1234, backend=backend)
+        return x.shape[0]
+    return run
+
+
+def make_gemm(job: Job, lib: str):
+    """The job's GEMMs alone, (rows of group) x r_j @ r_j x d, in torch or numpy: the ceiling."""
+    device = job.mu.device
+    bank_t = job.bank.transposed(device)
+    off = job.bank.offsets.tolist()
+    shapes = []
+    for slot in range(job.k):
+        per_class = torch.zeros(job.bank.num_classes, dtype=torch.int64, device=device)
+        per_class.index_add_(0, job.support[:, slot], job.counts)
+        for j in torch.nonzero(per_class).flatten().tolist():
+            if off[j + 1] > off[j]:
+                shapes.append((int(per_class[j]), j))
+    max_rows = max((rows for rows, _ in shapes), default=0)
+    max_r = max((off[j + 1] - off[j] for _, j in shapes), default=0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    abuf = torch.randn(max_rows * max_r, device=device, generator=gen)  # one A and one Y buffer, viewed
+    ybuf = torch.empty(max_rows * job.d, device=device)
+    ops = []
+    for rows, j in shapes:
+        r = off[j + 1] - off[j]
+        a, b, y = abuf[: rows * r].view(rows, r), bank_t[off[j]:off[j + 1]], ybuf[: rows * job.d].view(rows, job.d)
+        ops.append((a, b, y) if lib == "torch" else (a.numpy(), b.numpy(), y.numpy()))
+
+    def run():
+        for a, b, y in ops:
+            (torch.matmul if lib == "torch" else np.matmul)(a, b, out=y)
+        return job.n
+    return run
+
+
+def square_gemm_rate(device, n: int) -> float:
+    """GFLOP/s of one n x n x n float32 matmul (best of 3), for reference."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(4):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+# ---------------------------------------------------------------- timing
+def _time(fn, device, min_seconds: float = 0.2):
+    """(seconds per call, samples per call): calls ``fn`` until ``min_seconds`` pass (>= 1 call)."""
+    calls, n_done = 0, 0
+    _sync(device)
+    t0 = time.perf_counter()
+    while True:
+        n_done = fn()
+        calls += 1
+        _sync(device)
+        if time.perf_counter() - t0 >= min_seconds:
+            break
+    return (time.perf_counter() - t0) / calls, n_done
+
+
+def run_config(job: Job, args, backends, progress) -> dict:
+    device = job.mu.device
+    flops_per_sample = job.flops() / job.n
+    methods = {}  # name -> (fn, flops per sample of what fn draws, repeats, note)
+    # dense d x d covariances are precomputed for the dc seeds' classes: few seeds at large d
+    methods["dc-numpy"] = make_dc(job, args.dc_seconds, args.dc_seeds if job.d <= 512 else min(args.dc_seeds, 2))
+    mvn_seeds = args.mvn_seeds if job.d <= 512 else max(1, args.mvn_seeds // 8)
+    methods["torch-mvn"], _ = make_mvn(job, mvn_seeds)
+    methods["torch-lowrank"] = make_lowrank(job)
+    for b in backends:
+        if b == "torch":  # the float64 reference: slow, on a subset
+            sub = job.subset(_rows_up_to(job, args.ref_samples))
+            methods["glag-torch"] = make_glag(sub, "torch")
+        else:
+            methods[f"glag-{b}"] = make_glag(job, b)
+    methods["gemm-torch"] = make_gemm(job, "torch")
+    if device.type == "cpu":
+        methods["gemm-numpy"] = make_gemm(job, "numpy")
+        if "numba" in backends:  # the numba backend's own tiles, per-thread BLAS: its ceiling
+            from glag.kernels import cpu
+
+            gemm_tiles = cpu.gemm_tiles(job.bank.transposed(device).numpy(), job.bank.offsets.numpy(),
+                                        job.support.numpy(), job.counts.numpy())
+            methods["gemm-tiles"] = lambda: (gemm_tiles(), job.n)[1]
+    once = {"dc-numpy", "torch-mvn", "glag-torch"}  # slow, subset: one timed run after a warm-up
+    best: dict[str, tuple[float, int]] = {}
+    for name, fn in methods.items():  # warm-up (compiles, caches, allocator)
+        progress.set_postfix_str(f"{job.profile} d={job.d} k={job.k} warm {name}")
+        if name != "dc-numpy":
+            fn()
+    for rep in range(args.repeats):  # interleaved, so all see the same load
+        for name, fn in methods.items():
+            if name in once and rep > 0:
+                continue
+            progress.set_postfix_str(f"{job.profile} d={job.d} k={job.k} {name} {rep + 1}/{args.repeats}")
+            sec, n_done = _time(fn, device, 0.0 if name in once else args.min_seconds)
+            if name not in best or sec < best[name][0]:
+                best[name] = (sec, n_done)
+    gemm_names = [n for n in best if n.startswith("gemm-")]
+    ceiling_name = min(gemm_names, key=lambda n: best[n][0])
+    ceiling = flops_per_sample * job.n / best[ceiling_name][0] / 1e9
+    out = {"profile": job.profile, "d": job.d, "k": job.k, "samples": job.n, "seed_rows": int(job.mu.shape[0]),
+           "epoch_samples": job.n_epoch, "epoch_seed_rows": job.m_epoch, "flops_per_sample": flops_per_sample,
+           "gemm_ceiling_gflops": ceiling, "gemm_ceiling_lib": ceiling_name, "methods": {}}
+    for name, (sec, n_done) in best.items():
+        rate = n_done / sec
+        # the subset methods draw other seed rows: their FLOPs differ a little; use this job's mean
+        gflops = rate * flops_per_sample / 1e9
+        out["methods"][name] = {"seconds": sec, "samples": n_done, "samples_per_s": rate, "gflops": gflops,
+                                "pct_gemm": 100.0 * gflops / ceiling}
+    base = {b: out["methods"][b]["samples_per_s"] for b in ("dc-numpy", "torch-mvn", "torch-lowrank")}
+    for name, m in out["methods"].items():
+        if name.startswith("glag-"):
+            m["speedup"] = {b: m["samples_per_s"] / r for b, r in base.items()}
+    return out
+
+
+# ---------------------------------------------------------------- report
+def _fmt_rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:,.2f}"
+
+
+def format_table(res: dict) -> str:
+    head = (f"{res['profile']}  d={res['d']}  k={res['k']}: {res['samples']:,} samples from {res['seed_rows']:,} seed "
+            f"rows (epoch: {res['epoch_samples']:,}), {res['flops_per_sample'] / 1e6:.3g} MFLOP/sample, "
+            f"GEMM ceiling {res['gemm_ceiling_gflops']:.1f} GFLOP/s ({res['gemm_ceiling_lib']})")
+    lines = [head, f"  {'method':<15}{'samples/s':>14}{'GFLOP/s':>10}{'%GEMM':>8}{'x dc-numpy':>12}{'x torch-mvn':>13}{'x lowrank':>11}"]
+    for name, m in res["methods"].items():
+        sp = m.get("speedup")
+        tail = "".join(f"{sp[b]:>{w}.3g}" for b, w in (("dc-numpy", 12), ("torch-mvn", 13), ("torch-lowrank", 11))) if sp else ""
+        lines.append(f"  {name:<15}{_fmt_rate(m['samples_per_s']):>14}{m['gflops']:>10.1f}{m['pct_gemm']:>8.1f}{tail}")
+    return "\n".join(lines)
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    """DESIGN.md "Performance targets", evaluated on this run."""
+    out = []
+    for r in results:
+        ms = r["methods"]
+        tag = f"{r['profile']} d={r['d']} k={r['k']}"
+        if "glag-numba" in ms:
+            g = ms["glag-numba"]
+            if r["d"] == 512:
+                out.append({"target": "numba >= 100x dc-numpy at d=512", "config": tag,
+                            "value": g["speedup"]["dc-numpy"], "pass": g["speedup"]["dc-numpy"] >= 100})
+            if r["d"] >= 512:
+                out.append({"target": "numba >= 1.5x torch-lowrank at d>=512", "config": tag,
+                            "value": g["speedup"]["torch-lowrank"], "pass": g["speedup"]["torch-lowrank"] >= 1.5})
+                out.append({"target": "numba >= 60% of the GEMM ceiling at d>=512", "config": tag,
+                            "value": g["pct_gemm"], "pass": g["pct_gemm"] >= 60})
+        if "glag-cuda" in ms and r["d"] == 2048:
+            best_torch = max(ms["torch-lowrank"]["samples_per_s"], ms["torch-mvn"]["samples_per_s"])
+            v = ms["glag-cuda"]["samples_per_s"] / best_torch
+            out.append({"target": "cuda >= 2x best torch at d=2048", "config": tag, "value": v, "pass": v >= 2})
+    return out
+
+
+def projection(results: list[dict]) -> dict | None:
+    """Projected time of an ImageNet-LT-sized epoch (d = 2048, k = 3) for each method."""
+    for r in results:
+        if r["profile"] == "imagenet-lt" and r["d"] == 2048 and r["k"] == 3:
+            n = r["epoch_samples"]
+            return {"config": "imagenet-lt d=2048 k=3", "epoch_samples": n,
+                    "seconds": {name: n / m["samples_per_s"] for name, m in r["methods"].items()
+                                if not name.startswith("gemm-")}}
+    return None
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = sorted({r["profile"] for r in results}, key=PROFILES.index)
+    fig, axes = plt.subplots(1, len(profiles), figsize=(5 * len(profiles), 4), squeeze=False)
+    for ax, prof in zip(axes[0], profiles):
+        rs = [r for r in results if r["profile"] == prof]
+        k = max(r["k"] for r in rs)
+        rs = sorted((r for r in rs if r["k"] == k), key=lambda r: r["d"])
+        for name in rs[0]["methods"]:
+            if name.startswith("gemm-"):
+                continue
+            ax.plot([r["d"] for r in rs], [r["methods"][name]["samples_per_s"] for r in rs], "o-", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="feature dimension d", ylabel="samples / s", title=f"{prof}, k={k}")
+        ax.set_xticks([r["d"] for r in rs], [str(r["d"]) for r in rs])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glag-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--quick", action="store_true",
+                   help="small run: cifar100-lt and imagenet-lt, d = 64/512/2048, k = 3, 40 GFLOP a config, 2 repeats")
+    g.add_argument("--profiles", nargs="+", choices=PROFILES, default=None,
+                   help="class-count profiles (default: all three)")
+    g.add_argument("--dims", nargs="+", type=int, default=None, help="feature dimensions d (default: 64 512 2048)")
+    g.add_argument("--ks", nargs="+", type=int, default=None, help="support sizes k (default: 2 3; quick: 3)")
+    g.add_argument("--backend", choices=("cuda", "numba", "torch"), default=None,
+                   help="time only this glag backend (default: every one available on the device)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the job lives (default auto: cuda when the cuda backend is available)")
+    g = p.add_argument_group("how much")
+    g.add_argument("--work", type=float, default=None,
+                   help="useful GFLOP a config; the seed rows are subsampled to it, or the whole epoch "
+                        "when smaller (default 200; quick 40)")
+    g.add_argument("--repeats", type=int, default=None, help="timed runs a method, the best kept (default 3; quick 2)")
+    g.add_argument("--min-seconds", type=float, default=0.3,
+                   help="a fast method is called again until a timed run lasts this long (default 0.3)")
+    g.add_argument("--dc-seeds", type=int, default=20,
+                   help="at most this many seeds for dc-numpy (2 at d > 512) (default 20)")
+    g.add_argument("--dc-seconds", type=float, default=None,
+                   help="dc-numpy stops after the seed that passes this time, >= 1 seed (default 8; quick 3)")
+    g.add_argument("--mvn-seeds", type=int, default=64, help="seeds for torch-mvn at d <= 512, 1/8 above (default 64)")
+    g.add_argument("--ref-samples", type=int, default=4000, help="samples for the glag torch reference (default 4000)")
+    g = p.add_argument_group("the job")
+    g.add_argument("--alpha", type=float, default=0.1, help="dispersion alpha, the same for every method (default 0.1)")
+    g.add_argument("--mode", choices=("all", "diag"), default="diag",
+                   help="alpha mode; diag keeps Sigma' positive definite for the Cholesky/SVD baselines (default diag)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the synthetic job (default 0)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="bench_kernel.json", help="JSON results (default bench_kernel.json)")
+    g.add_argument("--plot", nargs="?", const="bench_kernel.png", default=None, metavar="PNG",
+                   help="also plot samples/s against d (file default bench_kernel.png)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from glag import sampling
+
+    quick = args.quick
+    args.profiles = args.profiles or (["cifar100-lt", "imagenet-lt"] if quick else list(PROFILES))
+    args.dims = args.dims or [64, 512, 2048]
+    args.ks = args.ks or ([3] if quick else [2, 3])
+    work = (args.work or (40.0 if quick else 200.0)) * 1e9
+    args.repeats = args.repeats or (2 if quick else 3)
+    args.dc_seconds = args.dc_seconds if args.dc_seconds is not None else (3.0 if quick else 8.0)
+
+    avail = sampling.available_backends()
+    if args.device == "auto":
+        args.device = "cuda" if "cuda" in avail else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch has no CUDA device here", file=sys.stderr)
+        return 2
+    on_device = {"cuda": ["cuda", "torch"], "cpu": ["numba", "torch"]}[device.type]
+    backends = [b for b in on_device if b in avail and (args.backend is None or b == args.backend)]
+    if args.backend and args.backend not in backends:
+        print(f"--backend {args.backend}: not available on {device.type} here (available: {', '.join(avail)})",
+              file=sys.stderr)
+        return 2
+
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpu_count": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
+               "torch_threads": torch.get_num_threads(), "device": str(device),
+               "load_avg_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import numba
+
+        machine["numba"] = numba.__version__
+        machine["numba_threads"] = numba.get_num_threads()
+    except ImportError:
+        pass
+    machine["square_gemm_gflops"] = square_gemm_rate(device, 8192 if device.type == "cuda" else 2048)
+    print(f"glag-bench on {machine['processor']} ({machine['cpu_count']} cpus, device {device}); "
+          f"backends {', '.join(backends)}; square float32 GEMM {machine['square_gemm_gflops']:.1f} GFLOP/s; "
+          f"load average {machine['load_avg_start']}", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    configs = [(p, d, k) for p in args.profiles for d in args.dims for k in args.ks]
+    results = []
+    bar = tqdm(configs, desc="configs", disable=args.no_progress, file=sys.stderr)
+    for prof, d, k in bar:
+        job = build_job(prof, d, k, work, rng, device, args.alpha, args.mode)
+        res = run_config(job, args, backends, bar)
+        results.append(res)
+        tqdm.write(format_table(res) + "\n", file=sys.stdout)
+        del job
+    machine["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    targets = check_targets(results)
+    proj = projection(results)
+    print("Targets (DESIGN.md, on this run):")
+    for t in targets:
+        print(f"  [{'PASS' if t['pass'] else 'FAIL'}] {t['target']:<45} {t['config']:<28} {t['value']:.3g}")
+    if proj:
+        s = proj["seconds"]
+        parts = ", ".join(f"{name} {sec:,.1f} s" if sec < 1e5 else f"{name} {sec / 3600:,.1f} h" for name, sec in s.items())
+        print(f"Projected ImageNet-LT-sized epoch ({proj['epoch_samples']:,} samples, d=2048, k=3): {parts}")
+    payload = {"argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
+               "settings": {"alpha": args.alpha, "mode": args.mode, "work_gflops": work / 1e9, "repeats": args.repeats,
+                            "dc_seeds": args.dc_seeds, "dc_seconds": args.dc_seconds, "mvn_seeds": args.mvn_seeds,
+                            "ref_samples": args.ref_samples, "seed": args.seed},
+               "results": results, "targets": targets, "imagenet_epoch_projection": proj}
+    tmp = args.out + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
