@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# GPU check of the calibrated sampler (kernels/calibrated_sampler.cu through CuPy), < 8 minutes.
+#
+#   bash tools/gpu_check.sh          # on a machine with a CUDA GPU, torch (CUDA build), CuPy, nvcc
+#
+# 1. pip install -e . --no-deps (the machine's torch/CuPy stay; faiss is not needed here)
+# 2. the sampler tests, GPU ones included (tests/test_sampling_gpu.py, marked gpu), plus the CPU
+#    ones: cuda vs the float64 reference and vs numba, moments, CPU-input round trip
+# 3. compute-sanitizer memcheck on a small call, when the tool is there
+# 4. glag-bench --device cuda on cifar100-lt and imagenet-lt, d = 64 / 512 / 2048, k = 3
+# Everything is logged to $OUT/gpu_check.log (or ./gpu_check_out/ when OUT is unset), with the
+# benchmark's JSON and plot beside it. Exit status: non-zero if a step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-gpu_check_out}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() { echo; echo "== $* ($(date +%T))"; }
+
+run_all() {
+    step "environment"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+    python - <<'EOF' 2>&1 || true
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+try:
+    import cupy
+    print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())
+except Exception as e:
+    print("cupy not usable:", type(e).__name__, e)
+EOF
+
+    step "install"
+    python -m pip install -e . --no-deps -q || status=1
+
+    step "tests (GPU and CPU sampler tests)"
+    timeout 300 python -m pytest tests/test_sampling_gpu.py tests/test_philox.py tests/test_sampling.py \
+        -q -rs -p no:cacheprovider || status=1
+    python -c "from glag import sampling; print('available backends:', sampling.available_backends())"
+
+    if command -v compute-sanitizer >/dev/null 2>&1; then
+        step "compute-sanitizer memcheck (small call, d = 300 and 37)"
+        timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 python - <<'EOF' || status=1
+import torch
+from glag.sampling import FactorBank, class_factor, sample_calibrated
+g = torch.Generator().manual_seed(0)
+for d in (300, 37):
+    bank = FactorBank.from_factors([class_factor(torch.randn(n, d, generator=g)) for n in (1, 5, 70, 400)])
+    bank = FactorBank(bank.data.cuda(), bank.offsets)
+    m, k = 5, 3
+    mu = torch.randn(m, d).cuda()
+    sup = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(m)]).cuda()
+    w = torch.rand(m, k).cuda()
+    counts = torch.tensor([0, 3, 70, 1, 130]).cuda()
+    x, y = sample_calibrated(bank, mu, sup, w, counts, torch.arange(m).cuda(), 0.1, "diag", 1, backend="cuda")
+    torch.cuda.synchronize()
+    print("d", d, "ok", tuple(x.shape), bool(torch.isfinite(x).all()))
+EOF
+    fi
+
+    step "benchmark (glag-bench --device cuda)"
+    timeout 270 python -m glag.tools.bench_kernel --device cuda --profiles cifar100-lt imagenet-lt \
+        --dims 64 512 2048 --ks 3 --work 1000 --repeats 3 --dc-seeds 3 --dc-seconds 4 \
+        --out "$OUT_DIR/bench_kernel_gpu.json" --plot "$OUT_DIR/bench_kernel_gpu.png" --no-progress || status=1
+    step "done, status $status"
+    return $status
+}
+
+run_all 2>&1 | tee "$OUT_DIR/gpu_check.log"
+exit "${PIPESTATUS[0]}"
