@@ -28,9 +28,10 @@ is the special case ``support_weights(..., mode="uniform")`` with ``omega = dc_o
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ __all__ = [
     "tukey",
     "ClassStats",
     "class_statistics",
+    "streaming_class_statistics",
     "split_head_tail",
+    "class_roles",
     "find_support",
     "find_support_bruteforce",
     "support_weights",
@@ -215,6 +218,169 @@ def class_statistics(
     return ClassStats(means=means, counts=counts, bank=bank)
 
 
+def streaming_class_statistics(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    counts: ArrayLike,
+    factor_classes: Optional[ArrayLike] = None,
+) -> ClassStats:
+    """:func:`class_statistics` in one pass over row chunks, in bounded memory (METHOD.md step 2).
+
+    For features that do not fit in memory (DESIGN.md, "Scale"): the chunks are read once, in
+    any order and of any size, and the result equals :func:`class_statistics` on their
+    concatenation to float rounding.
+
+    * Means: per-class sums in float64 (``C x d x 8`` bytes), divided at the end.
+    * Factor of a class with ``1 < n_c <= d``: its centred rows ``(X - mu)^T / sqrt(n_c - 1)``,
+      exactly what :func:`glag.sampling.class_factor` returns. The raw rows are copied into the
+      bank's own buffer at the class's offset as they stream by, and centred in float64 with the
+      final mean at the end: memory is the factor itself, ``n_c d`` floats.
+    * Factor of a class with ``n_c > d``: the ``d x d`` scatter ``M2 = sum (x - mu)(x - mu)^T``
+      in float64, merged chunk by chunk with the pairwise update of Chan, Golub & LeVeque
+      (``delta = mu_b - mu_a``; ``M2 = M2_a + M2_b + delta delta^T n_a n_b / n``;
+      ``mu = mu_a + delta n_b / n``), which never forms ``sum x x^T - n mu mu^T`` and so has no
+      catastrophic cancellation; then the lower Cholesky factor of ``M2 / (n_c - 1)``, with
+      ``class_factor``'s jitter fallback for a singular covariance.
+    * Classes outside ``factor_classes`` get rank 0. The sampler only reads the factors of
+      support classes, which are head classes, so stage two passes the head set: a ``d x d``
+      scatter for every class (iNaturalist: 8,142 x 32 MB) is never needed.
+
+    Args:
+        chunks: iterable of ``(x, y)``: x (n, d) float32 Tukey-transformed features, y (n,)
+            int64 labels. Each chunk is used once, then dropped.
+        num_classes: C.
+        counts: (C,) int64 training counts n_c, known up front (the feature file stores them):
+            they size the bank. The labels seen must match them exactly.
+        factor_classes: class ids whose covariance factor is built; None = every class.
+
+    Returns:
+        :class:`ClassStats` (means (C, d) float32, counts (C,) int64, bank). The bank's
+        ``data`` is the transpose of a contiguous (R, d) buffer (rows ``F_c^T``), so the
+        sampler's transposed copy (``FactorBank.transposed``) costs no memory.
+
+    Raises:
+        ValueError: labels out of range, no chunk, a class with no sample, or label counts
+            that differ from ``counts``.
+    """
+    counts = _to_numpy_i64(counts)
+    if counts.shape != (num_classes,):
+        raise ValueError(f"streaming_class_statistics: counts must be ({num_classes},), got {counts.shape}")
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        raise ValueError(
+            f"streaming_class_statistics: {len(empty)} class(es) have no training sample "
+            f"(ids {empty[:10]}{' ...' if len(empty) > 10 else ''}); every class needs at "
+            f"least one to have a mean. Check num_classes and the label list."
+        )
+    want = np.ones(num_classes, dtype=bool)
+    if factor_classes is not None:
+        want[:] = False
+        want[_to_numpy_i64(factor_classes)] = True
+    seen = np.zeros(num_classes, dtype=np.int64)
+    sums = chan = buf = None
+    d = None
+    for x, y in chunks:
+        x = torch.as_tensor(x)
+        y = torch.as_tensor(y).long()
+        if x.ndim != 2 or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"streaming_class_statistics: expected chunks x (n, d) and y (n,), got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if d is None:  # first chunk: the dimension is known, size everything
+            d = int(x.shape[1])
+            sums = torch.zeros(num_classes, d, dtype=torch.float64)
+            gather = want & (counts > 1) & (counts <= d)
+            scatter = want & (counts > d)
+            ranks = np.where(gather, counts, np.where(scatter, d, 0))
+            offsets = np.zeros(num_classes + 1, dtype=np.int64)
+            offsets[1:] = np.cumsum(ranks)
+            buf = torch.empty(int(offsets[-1]), d, dtype=torch.float32)  # rows of F_c^T
+            chan = {int(c): None for c in np.flatnonzero(scatter)}
+            gather_t = torch.from_numpy(gather)
+        elif x.shape[1] != d:
+            raise ValueError(f"streaming_class_statistics: chunk has d = {x.shape[1]}, earlier chunks {d}")
+        if y.numel() == 0:
+            continue
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
+            raise ValueError(f"streaming_class_statistics: labels must lie in [0, {num_classes}), got "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        x = x.float()
+        sums.index_add_(0, y, x.to(torch.float64))
+        yn = y.numpy()
+        before = seen.copy()
+        seen += np.bincount(yn, minlength=num_classes)
+        over = np.flatnonzero(seen > counts)
+        if over.size:
+            c = int(over[0])
+            raise ValueError(f"streaming_class_statistics: class {c} has more rows than counts[{c}] = "
+                             f"{int(counts[c])}; the counts do not match the labels")
+        # gathered classes: each row goes to offsets[c] + (its rank among the rows of c so far)
+        sel = torch.nonzero(gather_t[y]).flatten().numpy()
+        if sel.size:
+            ys = yn[sel]
+            order = np.argsort(ys, kind="stable")
+            first = np.searchsorted(ys[order], ys[order], side="left")
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size) - first
+            dest = offsets[ys] + before[ys] + rank
+            buf[torch.from_numpy(dest)] = x[torch.from_numpy(sel)]
+        # scattered classes: merge this chunk's (n, mean, M2) into the running one (Chan et al.)
+        for c in (np.unique(yn[np.isin(yn, list(chan))]) if chan else ()):
+            xb = x[y == int(c)].to(torch.float64)
+            nb = xb.shape[0]
+            mb = xb.mean(0)
+            xc = xb - mb
+            m2b = xc.T @ xc
+            run = chan[int(c)]
+            if run is None:
+                chan[int(c)] = [nb, mb, m2b]
+                continue
+            na, ma, m2a = run
+            n = na + nb
+            delta = mb - ma
+            m2a += m2b
+            m2a.add_(torch.outer(delta, delta), alpha=na * nb / n)
+            run[0], run[1] = n, ma + delta * (nb / n)
+    if d is None:
+        raise ValueError("streaming_class_statistics: no chunk to read")
+    if not np.array_equal(seen, counts):
+        c = int(np.flatnonzero(seen != counts)[0])
+        raise ValueError(f"streaming_class_statistics: class {c} has {int(seen[c])} rows but counts[{c}] = "
+                         f"{int(counts[c])}; the counts do not match the labels")
+    means64 = sums / torch.from_numpy(counts).to(torch.float64).unsqueeze(1)
+    del sums
+    for c in np.flatnonzero(gather):
+        a, b = int(offsets[c]), int(offsets[c + 1])
+        n = b - a
+        buf[a:b] = ((buf[a:b].to(torch.float64) - means64[c]) / math.sqrt(n - 1)).to(torch.float32)
+    for c, (n, _, m2) in chan.items():
+        a = int(offsets[c])
+        buf[a:a + d] = _cholesky_factor(m2 / (n - 1), n).T.to(torch.float32)
+    sampling = _import_sampling()
+    bank = sampling.FactorBank(buf.T, torch.from_numpy(offsets))
+    log.debug("streaming class statistics: C=%d d=%d, %d gathered and %d scatter factors, R=%d",
+              num_classes, d, int(gather.sum()), len(chan), int(offsets[-1]))
+    return ClassStats(means=means64.to(torch.float32), counts=torch.from_numpy(counts.copy()), bank=bank)
+
+
+def _cholesky_factor(cov: torch.Tensor, n: int) -> torch.Tensor:
+    """Lower Cholesky factor (float64) of a (d, d) covariance; the jitter fallback of
+    :func:`glag.sampling.class_factor` (smallest ``10^p`` of the mean variance that works)."""
+    d = cov.shape[0]
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0:
+        return chol
+    scale = float(cov.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(d, dtype=cov.dtype)
+    for p in range(-10, 1):
+        jitter = scale * 10.0**p
+        chol, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+        if int(info) == 0:
+            log.warning("streaming_class_statistics: covariance (n=%d, d=%d) is singular; added jitter %.3g "
+                        "(%.0e of its mean variance) to the diagonal before the Cholesky", n, d, jitter, 10.0**p)
+            return chol
+    raise RuntimeError(f"streaming_class_statistics: Cholesky failed even with jitter {jitter:.3g} (n={n}, d={d})")
+
+
 def _dense_cov_from_bank(bank: Any, c: int) -> torch.Tensor:
     """(d, d) float64 ``F_c F_c^T`` from a FactorBank (data (d, R), offsets (C+1,))."""
     data = torch.as_tensor(bank.data)
@@ -259,6 +425,30 @@ def split_head_tail(
     log.info("head/tail split: %d head (n_c > %d) and %d augmented (n_c < %d) of %d classes",
              head.numel(), head_threshold, tail.numel(), below, counts.numel())
     return head, tail
+
+
+def class_roles(
+    counts: ArrayLike,
+    head_threshold: int,
+    n_max: int,
+    generate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """How each class reaches ``n_max`` in a stage-two epoch, METHOD.md step 6 [paper].
+
+    Returns ``(head_ids, tail_ids, resample_ids)``: the support (head) classes
+    (:func:`split_head_tail`); the classes topped up with generated samples (below ``n_max``
+    and not head; none when ``generate`` is False, as in cRT); the classes topped up by
+    resampling their real features (the rest of those below ``n_max``). int64 tensors and a
+    list of ints, sorted.
+    """
+    head_ids, below = split_head_tail(counts, head_threshold, n_max)
+    head_set = set(head_ids.tolist())
+    if generate:
+        tail_ids = torch.as_tensor([c for c in below.tolist() if c not in head_set], dtype=torch.int64)
+    else:
+        tail_ids = torch.zeros(0, dtype=torch.int64)
+    tail_set = set(tail_ids.tolist())
+    return head_ids, tail_ids, [c for c in below.tolist() if c not in tail_set]
 
 
 # --------------------------------------------------------------------------------------------

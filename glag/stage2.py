@@ -18,6 +18,11 @@ trained on real ∪ generated with ``CE + τ(t)·KD`` (KD on head-class real sam
 stage-one logits stored in the feature file), then per-class **validation** accuracy moves each
 tail class's ω. The classifier is selected on validation top-1; the test split is used once, at
 the end, and never for ω or selection.
+
+Data paths: everything in memory (:class:`InMemoryData`, the default), or, when ``max_memory`` is
+set and the in-memory peak would exceed it, ``/train`` streamed from the HDF5 file in bounded
+memory (:class:`glag.streaming.StreamingData`: statistics in one pass, each epoch read in shuffled
+blocks). The loop is the same for both: loss, KD, ω updates, selection, metrics and resume.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import afg
+from . import afg, streaming
 from .features import open_features
 from .losses import kd_loss, tau_schedule
 from .metrics import format_table, per_class_accuracy, summarize
@@ -85,6 +90,9 @@ class Stage2Config:
     backend: str | None = None
     threads: int | None = None  # torch threads for the classifier; None: 1 for small heads (d·C ≤ 2^20)
     progress: bool = True
+    max_memory: int | str | None = None  # bytes (or "4G"); over it, stream /train from HDF5 (glag.streaming)
+    stream_block_rows: int | None = None  # streaming: real rows per block; None: cut from the budget
+    max_steps_per_epoch: int | None = None  # stop each epoch after this many steps (benchmarks, smoke runs)
 
     def resolved(self) -> "Stage2Config":
         """A copy with the method's preset filled in where a field is None."""
@@ -103,6 +111,8 @@ class Stage2Config:
             raise ValueError(f"unknown --weights {values['weights']!r}; choose uniform or size_over_distance")
         if values["alpha_mode"] not in ("all", "diag"):
             raise ValueError(f"unknown --alpha-mode {values['alpha_mode']!r}; choose all or diag")
+        if values["max_memory"] is not None:
+            values["max_memory"] = streaming.parse_bytes(values["max_memory"])
         return Stage2Config(**values)
 
 
@@ -117,9 +127,12 @@ class CachedSplit:
 
 def load_splits(path, tukey_lambda: float) -> tuple[object, dict[str, CachedSplit]]:
     """Open a feature file, load every split and apply the Tukey transform (METHOD.md step 1)."""
-    ff = open_features(path)
+    return _load_splits(open_features(path), tukey_lambda)
+
+
+def _load_splits(ff, tukey_lambda: float) -> tuple[object, dict[str, CachedSplit]]:
     if "train" not in ff.splits:
-        raise ValueError(f"{path} has no /train split; stage two needs the training features")
+        raise ValueError(f"{ff.path} has no /train split; stage two needs the training features")
     splits = {}
     for name in ff.splits:
         s = ff.load(name)
@@ -142,17 +155,12 @@ class EpochBuilder:
         self.counts = np.asarray(counts, dtype=np.int64)
         self.num_classes = len(self.counts)
         self.n_max = int(cfg.n_max or self.counts.max())
-        self.head_ids, below = afg.split_head_tail(self.counts, cfg.head_threshold, self.n_max)
-        head_set = set(self.head_ids.tolist())
-        self.is_head = torch.tensor([c in head_set for c in range(self.num_classes)])
         # METHOD.md step 6 [paper]: tail classes are topped up with generated samples, head classes
         # below n_max by resampling their real features (cRT resamples every class)
-        if cfg.generate:
-            self.tail_ids = torch.as_tensor([c for c in below.tolist() if c not in head_set], dtype=torch.int64)
-        else:
-            self.tail_ids = torch.zeros(0, dtype=torch.int64)
-        tail_set = set(self.tail_ids.tolist())
-        self.resample_ids = [c for c in below.tolist() if c not in tail_set]
+        self.head_ids, self.tail_ids, self.resample_ids = afg.class_roles(
+            self.counts, cfg.head_threshold, self.n_max, cfg.generate)
+        self.is_head = torch.zeros(self.num_classes, dtype=torch.bool)
+        self.is_head[self.head_ids] = True
         self.rng = np.random.default_rng([cfg.seed, 2])  # stream for allocation / resampling
         self.seed_rows = torch.zeros(0, dtype=torch.int64)
         if not len(self.tail_ids):
@@ -186,9 +194,10 @@ class EpochBuilder:
             w = omega.omega_for(qlabels[keep].numpy()) if omega is not None else np.float32(cfg.omega_init)
             mu = afg.calibrate_means(tr.x[self.seed_rows[keep]], self.support[keep], self.weights[keep],
                                      self.stats.means, torch.as_tensor(w, dtype=torch.float32))
-            gx, gy = sample_calibrated(self.stats.bank, mu, self.support[keep], self.weights[keep],
-                                       torch.as_tensor(n)[keep], qlabels[keep], alpha=cfg.alpha,
-                                       mode=cfg.alpha_mode, seed=_mix(cfg.seed, epoch), backend=cfg.backend)
+            with streaming.keep_torch_threads():  # numba's OpenMP would leave torch at its thread count
+                gx, gy = sample_calibrated(self.stats.bank, mu, self.support[keep], self.weights[keep],
+                                           torch.as_tensor(n)[keep], qlabels[keep], alpha=cfg.alpha,
+                                           mode=cfg.alpha_mode, seed=_mix(cfg.seed, epoch), backend=cfg.backend)
             xs.append(gx.float())
             ys.append(gy)
             real.append(torch.zeros(len(gy), dtype=torch.bool))
@@ -205,6 +214,80 @@ def _mix(seed: int, epoch: int) -> int:
 def _predict(head: torch.nn.Linear, x: torch.Tensor, batch: int = 65536) -> torch.Tensor:
     with torch.inference_mode():
         return torch.cat([head(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+
+class InMemoryData:
+    """Stage two's data with every split in memory (the default path); ``glag.streaming.StreamingData``
+    is the bounded-memory one. Both give the loop an epoch as batches and predictions per split."""
+
+    kind = "memory"
+
+    def __init__(self, cfg: Stage2Config, ff):
+        self.ff, self.splits_data = _load_splits(ff, cfg.tukey_lambda)
+        self.splits = list(self.splits_data)
+        self.train = self.splits_data["train"]
+        self.num_classes, self.feature_dim = ff.num_classes, ff.feature_dim
+        self.counts = np.asarray(ff.class_counts, dtype=np.int64)
+        self.n_real = len(self.train.y)
+        self.builder = EpochBuilder(cfg, self.train, self.counts)
+
+    def has_teacher(self, split: str) -> bool:
+        return split in self.splits_data and self.splits_data[split].teacher is not None
+
+    def epoch_batches(self, epoch: int, omega, gen: torch.Generator, batch_size: int, use_kd: bool):
+        """Build the epoch (EpochBuilder.build), shuffle it with ``gen``; ``(iterator, info)``.
+
+        The iterator yields ``(x, y, kd_mask, teacher rows of the masked samples or None)``."""
+        t0 = time.time()
+        x, y, kd_mask = self.builder.build(epoch, omega)
+        info = {"data": time.time() - t0}
+        perm = torch.randperm(len(y), generator=gen)
+        teacher = self.train.teacher
+
+        def batches():
+            for i in range(0, len(perm), batch_size):
+                b = perm[i:i + batch_size]
+                mb = kd_mask[b]
+                # real rows come first in x, in file order: row i's teacher is teacher[i]
+                tb = teacher[b[mb]] if use_kd and mb.any() else None
+                yield x[b], y[b], mb, tb
+
+        return batches(), info
+
+    def predict(self, head: torch.nn.Module, split: str, teacher: bool = False):
+        """``(pred, labels, stage-one pred or None)`` int64 numpy arrays for ``split``."""
+        s = self.splits_data[split]
+        p1 = s.teacher.argmax(1).numpy() if teacher and s.teacher is not None else None
+        return _predict(head, s.x).numpy(), s.y.numpy(), p1
+
+    def describe(self) -> dict:
+        return {"data_path": self.kind}
+
+    def close(self) -> None:
+        self.ff.close()
+
+
+def open_stage2_data(cfg: Stage2Config):
+    """The data of a stage-two run: in memory, or streamed when it exceeds ``cfg.max_memory``
+    (:func:`glag.streaming.choose_data_path`); the choice and its reason are logged."""
+    ff = open_features(cfg.features)
+    try:
+        if "train" not in ff.splits:
+            raise ValueError(f"{cfg.features} has no /train split; stage two needs the training features")
+        if "val" not in ff.splits:
+            raise ValueError(f"{cfg.features} has no /val split: stage two selects its classifier and moves ω on "
+                             f"validation accuracy, never on test. Re-extract with the val split "
+                             f"(tools/extract.py writes train, val and test)")
+        choice = streaming.choose_data_path(ff, cfg)
+        log.info("stage two data path: %s: %s", "streaming" if choice.stream else "in memory", choice.reason)
+        if not choice.stream:
+            return InMemoryData(cfg, ff)
+        data = streaming.StreamingData(cfg, ff, choice.plan)
+        ff.close()
+        return data
+    except BaseException:
+        ff.close()
+        raise
 
 
 @contextlib.contextmanager
@@ -226,6 +309,10 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict:
     steps run several times faster on one thread (and much faster on a busy machine), so small
     heads train single-threaded unless ``cfg.threads`` says otherwise.
 
+    With ``cfg.max_memory`` set and the in-memory path estimated above it, the training split is
+    streamed from the HDF5 file in bounded memory (:mod:`glag.streaming`): same loss, KD, ω
+    updates, selection, metrics and resume; the epoch's samples come in another order.
+
     The run folder ``cfg.out`` receives config.json, env.json, summary.csv, omega.json, last.pt,
     best.pt (the classifier chosen on val) and metrics.json (per-class accuracies included, for plots).
     """
@@ -239,26 +326,26 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict:
 def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
     run = RunDir(cfg.out, resume=resume)
     seed_everything(cfg.seed)
-    ff, splits = load_splits(cfg.features, cfg.tukey_lambda)
-    counts = np.asarray(ff.class_counts, dtype=np.int64)
-    C, d = ff.num_classes, ff.feature_dim
-    train = splits["train"]
-    val = splits.get("val")
-    if val is None:
-        raise ValueError(f"{cfg.features} has no /val split: stage two selects its classifier and moves ω on "
-                         f"validation accuracy, never on test. Re-extract with the val split "
-                         f"(tools/extract.py writes train, val and test)")
-    use_kd = cfg.kd and train.teacher is not None
+    data = open_stage2_data(cfg)
+    try:
+        return _fit(cfg, run, data, resume)
+    finally:
+        data.close()
+
+
+def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
+    counts = data.counts
+    C, d = data.num_classes, data.feature_dim
+    use_kd = cfg.kd and data.has_teacher("train")
     if cfg.kd and not use_kd:
         log.warning("%s has no teacher logits in /train: KD is off for this run (re-extract with "
                     "tools/extract.py to get them)", cfg.features)
 
-    builder = EpochBuilder(cfg, train, counts)
+    builder = data.builder
     omega = None
     if cfg.generate and cfg.adaptive_omega and len(builder.tail_ids):
         omega = afg.AdaptiveOmega(C, builder.tail_ids, init=cfg.omega_init, step=cfg.omega_step,
                                   reference=cfg.omega_reference, margin=cfg.omega_margin)
-    teacher = train.teacher if use_kd else None
 
     gen = torch.Generator().manual_seed(cfg.seed)
     head = torch.nn.Linear(d, C)
@@ -283,47 +370,50 @@ def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
     else:
         run.write_config({**dataclasses.asdict(cfg), "n_max_resolved": builder.n_max,
                           "head_classes": builder.head_ids.tolist(), "generated_classes": builder.tail_ids.tolist(),
-                          "resampled_classes": builder.resample_ids},
+                          "resampled_classes": builder.resample_ids, **data.describe()},
                          cfg.seed)
 
-    # the real-sample part of the epoch is the same every epoch; keep teacher rows aligned with it
-    n_real = len(train.y)
+    n_real = data.n_real
+    state = None
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"stage two ({cfg.method})", unit="epoch",
                disable=not cfg.progress, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.time()
-        x, y, kd_mask = builder.build(epoch, omega)
-        t_gen = time.time() - t0
-        perm = torch.randperm(len(y), generator=gen)
+        batches, info = data.epoch_batches(epoch, omega, gen, cfg.batch_size, use_kd)
         tau = tau_schedule(epoch, cfg.epochs, cfg.kd_schedule, cfg.kd_alpha, cfg.kd_beta) if use_kd else 0.0
         ce_sum = kd_sum = 0.0
-        for i in range(0, len(perm), cfg.batch_size):
-            step = epoch * steps_per_epoch + i // cfg.batch_size
+        n_samples = n_kd = n_steps = 0
+        for xb, yb, mb, tb in batches:
+            if cfg.max_steps_per_epoch and n_steps >= cfg.max_steps_per_epoch:
+                log.info("epoch %d stopped after %d steps (max_steps_per_epoch)", epoch + 1, n_steps)
+                break
+            step = epoch * steps_per_epoch + n_steps
             lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            b = perm[i:i + cfg.batch_size]
-            z = head(x[b])
-            ce = F.cross_entropy(z, y[b])
+            z = head(xb)
+            ce = F.cross_entropy(z, yb)
             loss = ce
-            if use_kd:
-                mb = kd_mask[b]
-                if mb.any():
-                    # real rows come first in x, in file order: row i's teacher is teacher[i]
-                    kd = kd_loss(z[mb], teacher[b[mb]], cfg.kd_temperature)
-                    loss = ce + tau * kd
-                    kd_sum += kd.item() * int(mb.sum())
+            if use_kd and mb.any():
+                kd = kd_loss(z[mb], tb, cfg.kd_temperature)
+                loss = ce + tau * kd
+                kd_sum += kd.item() * int(mb.sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            ce_sum += ce.item() * len(b)
-        pred_val = _predict(head, val.x)
-        val_m = summarize(pred_val.numpy(), val.y.numpy(), counts)
+            ce_sum += ce.item() * len(yb)
+            n_samples += len(yb)
+            n_kd += int(mb.sum())
+            n_steps += 1
+        t_val = time.time()
+        pred_val, y_val, _ = data.predict(head, "val")
+        val_m = summarize(pred_val, y_val, counts)
         improved = val_m["top1"] > best_val
         if improved:
             best_val, best_epoch = val_m["top1"], epoch + 1
         if omega is not None:
-            omega.update(per_class_accuracy(pred_val.numpy(), val.y.numpy(), C))
+            omega.update(per_class_accuracy(pred_val, y_val, C))
+        t_val = time.time() - t_val
         state = {"head": head.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                  "best_val": best_val, "best_epoch": best_epoch, "generator": gen.get_state(),
                  "numpy_rng": _save_rng(builder.rng), "omega": omega.state_dict() if omega is not None else {},
@@ -331,15 +421,16 @@ def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
         if improved:
             atomic_torch_save(state, best_path)
         atomic_torch_save(state, last_path)
-        row = {"epoch": epoch + 1, "lr": lr, "kd_tau": tau, "ce": ce_sum / len(y),
-               "kd": kd_sum / max(1, int(kd_mask.sum())), "samples": len(y), "generated": len(y) - n_real,
+        row = {"epoch": epoch + 1, "lr": lr, "kd_tau": tau, "ce": ce_sum / n_samples,
+               "kd": kd_sum / max(1, n_kd), "samples": n_samples, "generated": n_samples - n_real,
                **{f"val_{k}": v for k, v in val_m.items()},
                "mean_omega": float(np.mean(omega.omega[builder.tail_ids])) if omega is not None else float("nan"),
-               "gen_seconds": t_gen, "seconds": time.time() - t0}
+               "gen_seconds": info["data"], "seconds": time.time() - t0, "steps": n_steps, "val_seconds": t_val}
         run.append_summary(row)
         bar.set_postfix(val=f"{val_m['top1']:.2f}", best=f"{best_val:.2f}")
     bar.close()
-    return finish_stage2(cfg, run, ff, splits, counts, best_path, omega, builder)
+    del head, optimizer, state  # the selected classifier is reloaded from best.pt
+    return finish_stage2(cfg, run, data, counts, best_path, omega, builder)
 
 
 def _save_rng(rng: np.random.Generator) -> dict:
@@ -354,25 +445,25 @@ def _restore_rng(saved: dict) -> dict:
             "has_uint32": saved["has_uint32"], "uinteger": saved["uinteger"]}
 
 
-def finish_stage2(cfg, run, ff, splits, counts, best_path, omega, builder) -> dict:
+def finish_stage2(cfg, run, data, counts, best_path, omega, builder) -> dict:
     """Evaluate the selected classifier once on val and test; write metrics.json and omega.json."""
-    C = ff.num_classes
+    C = data.num_classes
     best = torch.load(best_path, map_location="cpu", weights_only=True)
-    head = torch.nn.Linear(ff.feature_dim, C)
+    head = torch.nn.Linear(data.feature_dim, C)
     head.load_state_dict(best["head"])
+    best = {"best_epoch": best["best_epoch"]}  # drop the optimizer state it also holds
     metrics = {"method": cfg.method, "best_epoch": best["best_epoch"], "selected_on": "val",
-               "class_counts": counts.tolist(), "stage1": {}, "stage2": {}, "per_class": {}}
+               "class_counts": counts.tolist(), "stage1": {}, "stage2": {}, "per_class": {},
+               **data.describe()}
     for name in ("val", "test"):
-        s = splits.get(name)
-        if s is None:
+        if name not in data.splits:
             continue
-        pred = _predict(head, s.x).numpy()
-        metrics["stage2"][name] = summarize(pred, s.y.numpy(), counts)
-        metrics["per_class"][f"stage2_{name}"] = per_class_accuracy(pred, s.y.numpy(), C).tolist()
-        if s.teacher is not None:
-            p1 = s.teacher.argmax(1).numpy()
-            metrics["stage1"][name] = summarize(p1, s.y.numpy(), counts)
-            metrics["per_class"][f"stage1_{name}"] = per_class_accuracy(p1, s.y.numpy(), C).tolist()
+        pred, labels, p1 = data.predict(head, name, teacher=True)
+        metrics["stage2"][name] = summarize(pred, labels, counts)
+        metrics["per_class"][f"stage2_{name}"] = per_class_accuracy(pred, labels, C).tolist()
+        if p1 is not None:
+            metrics["stage1"][name] = summarize(p1, labels, counts)
+            metrics["per_class"][f"stage1_{name}"] = per_class_accuracy(p1, labels, C).tolist()
     if omega is not None:
         atomic_write_json(run / "omega.json", {"tail_classes": builder.tail_ids.tolist(),
                                                "history": [h.tolist() for h in omega.history]})

@@ -7,7 +7,8 @@ Reads the feature file of tools/extract.py (or any HDF5 file in its schema), fit
 statistics in Tukey space, finds each tail sample's k nearest head-class means with FAISS,
 tops every class up to n_max with calibrated Gaussian samples each epoch, and trains a linear
 classifier with CE + τ(t)·KD (KD from the stage-one logits on head-class samples). ω per tail
-class moves with its validation accuracy. Writes into --out: config.json, env.json,
+class moves with its validation accuracy. With --max-memory, features that do not fit are
+streamed from the file (e.g. iNaturalist at d = 2048: --max-memory 4G). Writes into --out: config.json, env.json,
 summary.csv, omega.json, best.pt, last.pt, metrics.json, per_class_test.png, omega.png.
 """
 from __future__ import annotations
@@ -31,6 +32,15 @@ def _bool(s: str) -> bool:
     if s.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _bytes(s: str) -> int:
+    from glag.streaming import parse_bytes
+
+    try:
+        return parse_bytes(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate, cosine decay (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g = p.add_argument_group("memory (DESIGN.md, Scale)")
+    g.add_argument("--max-memory", type=_bytes, metavar="SIZE",
+                   help="memory budget, e.g. 4G, 512M (K/M/G = 2^10/2^20/2^30 bytes). When the in-memory path "
+                        "would exceed it, class statistics are accumulated in one streaming pass and training "
+                        "streams /train from the HDF5 file in bounded memory (default: no budget, all in memory)")
+    g.add_argument("--stream-block-rows", type=int, metavar="N",
+                   help="streaming: real rows read per block (default: cut from the budget)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw the PNG figures")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
