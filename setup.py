@@ -43,6 +43,9 @@ setup(
             "glag-extract=glag.tools.extract:main",
             "glag-afg-train=glag.tools.afg_train:main",
             "glag-bench=glag.tools.bench_kernel:main",
+            "glag-bench-stage2=glag.tools.bench_stage2:main",
+            "glag-pipeline=glag.tools.pipeline:main",
+            "glag-experiment=glag.tools.experiment:main",
         ]
     },
 )
