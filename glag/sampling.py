@@ -117,6 +117,26 @@ class FactorBank:
         """``F_j`` (d, r_j), a view into :attr:`data`."""
         return self.data[:, int(self.offsets[j]):int(self.offsets[j + 1])]
 
+    def transposed_padded(self, device: torch.device | str, multiple: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R', d) float32 ``data^T`` with each block padded by zero rows to a multiple, and its
+        (C+1,) int64 offsets (CPU); cached. The numba kernel draws whole Philox blocks of 4."""
+        device = torch.device(device)
+        key = ("T%d" % multiple, str(device), self.data.data_ptr(), self.data._version)
+        hit = self._cache.get(key)
+        if hit is None:
+            for old in [k_ for k_ in self._cache if k_[:2] == key[:2]]:
+                del self._cache[old]
+            ranks = self.ranks
+            padded = (ranks + multiple - 1) // multiple * multiple
+            offsets = torch.zeros_like(self.offsets)
+            offsets[1:] = torch.cumsum(padded, 0)
+            dest = torch.repeat_interleave(offsets[:-1] - self.offsets[:-1], ranks) + torch.arange(int(self.offsets[-1]))
+            out = torch.zeros((int(offsets[-1]), self.dim), dtype=torch.float32, device=device)
+            out[dest.to(device)] = self.data.detach().to(device=device, dtype=torch.float32).t()
+            hit = (out, offsets)
+            self._cache[key] = hit
+        return hit
+
     def transposed(self, device: torch.device | str) -> torch.Tensor:
         """(R, d) float32 contiguous ``data^T`` on ``device`` (rows of ``F_j^T``), cached.
 
@@ -320,19 +340,19 @@ def sample_calibrated(
         return t.detach().to(device=run_dev, dtype=dtype).contiguous()
 
     mu_r, sup_r, w_r, cnt_r = on(mu, torch.float32), on(support, torch.int64), on(weights, torch.float32), on(counts, torch.int64)
-    bank_t = bank.transposed(run_dev)
     x = torch.empty((n_total, d), dtype=torch.float32, device=run_dev)
     if name == "numba":
         from .kernels import cpu
 
+        bank4, offsets4 = bank.transposed_padded(run_dev, 4)
         cpu.sample_numba(
-            bank_t.numpy(), bank.offsets.numpy(), mu_r.numpy(), sup_r.numpy(), w_r.numpy(), cnt_r.numpy(),
+            bank4.numpy(), offsets4.numpy(), mu_r.numpy(), sup_r.numpy(), w_r.numpy(), cnt_r.numpy(),
             x.numpy(), **args,
         )
     else:
         from .kernels import cuda as cuda_backend
 
-        cuda_backend.sample_cuda(bank_t, bank.offsets, mu_r, sup_r, w_r, cnt_r, x, **args)
+        cuda_backend.sample_cuda(bank.transposed(run_dev), bank.offsets, mu_r, sup_r, w_r, cnt_r, x, **args)
     return x.to(device), y
 
 

@@ -8,18 +8,21 @@ and class ``j``, every sample whose seed row has ``support[i, t] == j`` needs ``
 slot's samples are grouped by class and cut into tasks of ``tile_rows`` samples, and numba
 threads over the tasks (``prange``, dynamic chunks). A thread, on its own tile, in its own cache:
 
-1. draws ``Z`` (T x r_j) straight from Philox4x32-10 + Box–Muller, each row scaled by
-   ``sqrt(w)`` (``_gen_row``: float32, integer range reduction and polynomials only, so LLVM
-   vectorises it 8 lanes wide: ~1-2 ns a normal and core, against 5-10 ns for ``torch.randn``);
+1. draws ``Z`` (T x r4_j, r_j rounded up to whole Philox blocks) straight from Philox4x32-10
+   + Box–Muller, each row scaled by ``sqrt(w)`` (``_gen_row``: float32, integer range
+   reduction and polynomials only, so LLVM vectorises it 8 lanes wide: ~1-2 ns a normal and
+   core, against 5-10 ns for ``torch.randn``);
 2. multiplies ``Z @ F_j^T`` with one single-threaded BLAS sgemm (numba's ``np.dot``, scipy's
-   BLAS pinned to one thread while we run): the inner product at GEMM speed;
+   BLAS pinned to one thread while we run) into its own buffer: the inner product at GEMM
+   speed. The bank is stored transposed with each block padded by zero rows to r4_j, so the
+   extra normals meet exact zeros;
 3. adds the tile into the output rows of its samples.
 
 One thread pool only (numba's): mixing it with a multi-threaded BLAS makes the two pools fight
 for the cores, and on a shared 2-core machine small GEMMs then run 10x slower. Slots run one
 after another, so within a slot each output row belongs to one task: no races, no atomics.
-Extra memory: the transposed bank ``F^T`` (R x d, made once per bank) and per thread one tile
-``T x (r_j + d)``: ``O(sum r_j d + N)``, no m x d x d tensor.
+Extra memory: the padded transposed bank (~R x d, made once per bank and cached on it), per
+thread one tile ``T x (r4_max + d)``, and O(N) indices: ``O(sum r_j d + N)``, no m x d x d tensor.
 
 The RNG contract is in :mod:`glag.kernels.reference`; same seed, same numbers to float rounding.
 """
@@ -175,19 +178,6 @@ def _gen_row(out, s, stream, k0, k1, scale, first_block=0):
 
 
 # ---------------------------------------------------------------- parallel kernels
-@njit(cache=True, error_model="numpy")
-def _task_normals(rows, a, b, r, seed_of, w_col, stream, k0, k1):
-    """Z of one task: (b - a, r) float32, ``z[i, j] = sqrt(w) normal(rows[a + i], stream, j)``."""
-    r4 = 4 * ((r + 3) // 4)  # whole Philox blocks
-    z4 = np.empty((b - a, r4), np.float32)
-    for i in range(b - a):
-        s = rows[a + i]
-        _gen_row(z4[i], s, stream, k0, k1, _F32(np.sqrt(w_col[seed_of[s]])))
-    if r4 == r:
-        return z4
-    return np.ascontiguousarray(z4[:, :r])
-
-
 @njit(fastmath=True, cache=True, error_model="numpy")
 def _add_rows(x, rows, a, y):
     """``x[rows[a + i], :] += y[i, :]`` for the rows of one task."""
@@ -199,46 +189,66 @@ def _add_rows(x, rows, a, y):
             xr[c] += yr[c]
 
 
+@njit(cache=True, error_model="numpy")
+def _task_z(z_pool, rows, a, b, r4, seed_of, w_col, stream, k0, k1):
+    """This thread's Z tile, (b - a, r4): ``z[i, j] = sqrt(w) normal(rows[a + i], stream, j)``.
+
+    r4 = r_j rounded up to whole Philox blocks; the padded bank has zero rows there.
+    """
+    z = z_pool[numba.get_thread_id(), : (b - a) * r4].reshape(b - a, r4)
+    for i in range(b - a):
+        s = rows[a + i]
+        _gen_row(z[i], s, stream, k0, k1, _F32(np.sqrt(w_col[seed_of[s]])))
+    return z
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
-def _slot_tasks_blas(x, rows, tasks, bank_t, offsets, seed_of, w_col, stream, k0, k1):
+def _slot_tasks_blas(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0, k1, z_pool, y_pool):
     """One slot: for each task (class j, rows[a:b]), ``x[rows] += Z F_j^T`` (METHOD.md).
 
-    Threads over tasks (tiles of samples); each thread draws its tile's normals, multiplies
-    with one single-threaded BLAS sgemm (``np.dot``: scipy's BLAS; the driver pins it to one
-    thread) and adds the result into its rows, all in its own cache. Within a slot every
-    sample is in one task: no two threads write the same row.
+    Threads over tasks (tiles of samples); each thread draws its tile's normals into its own
+    buffer, multiplies with one single-threaded BLAS sgemm (``np.dot``: scipy's BLAS; the
+    driver pins it to one thread) into its own output buffer and adds that into its rows, all
+    in its own cache. Within a slot every sample is in one task: no two threads share a row.
+    bank4/offsets4: the factors transposed, each block padded with zero rows to r4 (% 4 == 0).
+    z_pool, y_pool: (threads, tile r4_max), (threads, tile d) float32 scratch.
     """
+    d = x.shape[1]
     for t in prange(tasks.shape[0]):
         j, a, b = tasks[t, 0], tasks[t, 1], tasks[t, 2]
-        o0, o1 = offsets[j], offsets[j + 1]
-        z = _task_normals(rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
-        _add_rows(x, rows, a, np.dot(z, bank_t[o0:o1]))
+        o0, o1 = offsets4[j], offsets4[j + 1]
+        z = _task_z(z_pool, rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
+        y = y_pool[numba.get_thread_id(), : (b - a) * d].reshape(b - a, d)
+        np.dot(z, bank4[o0:o1], y)
+        _add_rows(x, rows, a, y)
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")
-def _gemm_loops(z, f_t):
-    """(n, r) @ (r, d) without BLAS: the inner loop over d vectorises (used when scipy is absent)."""
+def _gemm_loops(z, f_t, y):
+    """``y = z @ f_t`` without BLAS: the inner loop over d vectorises (when scipy is absent)."""
     n, r = z.shape
     d = f_t.shape[1]
-    y = np.zeros((n, d), np.float32)
     for i in range(n):
         yr = y[i]
+        yr[:] = 0.0
         for c in range(r):
             zc = z[i, c]
             fr = f_t[c]
             for q in range(d):
                 yr[q] += zc * fr[q]
-    return y
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _slot_tasks_loops(x, rows, tasks, bank_t, offsets, seed_of, w_col, stream, k0, k1):
+def _slot_tasks_loops(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0, k1, z_pool, y_pool):
     """:func:`_slot_tasks_blas` with the product in plain loops (no scipy BLAS here)."""
+    d = x.shape[1]
     for t in prange(tasks.shape[0]):
         j, a, b = tasks[t, 0], tasks[t, 1], tasks[t, 2]
-        o0, o1 = offsets[j], offsets[j + 1]
-        z = _task_normals(rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
-        _add_rows(x, rows, a, _gemm_loops(z, bank_t[o0:o1]))
+        o0, o1 = offsets4[j], offsets4[j + 1]
+        z = _task_z(z_pool, rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
+        y = y_pool[numba.get_thread_id(), : (b - a) * d].reshape(b - a, d)
+        _gemm_loops(z, bank4[o0:o1], y)
+        _add_rows(x, rows, a, y)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -431,9 +441,15 @@ def _slot_tasks(cls, counts, starts, ranks, tm):
     return rows, tasks[np.random.default_rng(len(tasks)).permutation(len(tasks))]
 
 
+def _pools(tm, r4_max, d):
+    """Per-thread scratch for Z and Y tiles (indexed by ``numba.get_thread_id()``)."""
+    n = numba.config.NUMBA_NUM_THREADS  # every id a thread can have
+    return np.empty((n, tm * max(r4_max, 1)), np.float32), np.empty((n, tm * d), np.float32)
+
+
 def sample_numba(
-    bank_t: np.ndarray,
-    offsets: np.ndarray,
+    bank4: np.ndarray,
+    offsets4: np.ndarray,
     mu: np.ndarray,
     support: np.ndarray,
     weights: np.ndarray,
@@ -447,9 +463,11 @@ def sample_numba(
     """Fill ``out`` (N, d) float32 with calibrated samples (METHOD.md, low-rank sampling).
 
     Args:
-        bank_t: (R, d) float32 C-contiguous, the factors transposed: rows
-            ``offsets[j]:offsets[j+1]`` hold ``F_j^T`` (r_j x d).
-        offsets: (C+1,) int64.  mu: (m, d) float32.  support: (m, k) int64.
+        bank4: (R4, d) float32 C-contiguous, the factors transposed with each block padded by
+            zero rows to a multiple of 4: rows ``offsets4[j]:offsets4[j+1]`` hold ``F_j^T``
+            (r_j x d) then zeros (``FactorBank.transposed_padded(device, 4)``). The Z tile then
+            takes whole Philox blocks and the padding adds exact zeros.
+        offsets4: (C+1,) int64, multiples of 4.  mu: (m, d) float32.  support: (m, k) int64.
         weights: (m, k) float32, w >= 0.  counts: (m,) int64.
         out: (N, d) float32 C-contiguous, N = counts.sum(), written in place.
         alpha, mode, seed: dispersion and RNG key, as in :func:`glag.sampling.sample_calibrated`.
@@ -460,15 +478,17 @@ def sample_numba(
     n_total = out.shape[0]
     k0, k1 = (_U32(v) for v in seed_key(seed))
     counts = np.ascontiguousarray(counts, dtype=np.int64)
-    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    offsets4 = np.ascontiguousarray(offsets4, dtype=np.int64)
+    if np.any(offsets4 % 4):
+        raise ValueError("sample_numba needs the bank padded to multiples of 4 rows a class")
     starts = np.zeros(m, np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     seed_of = np.repeat(np.arange(m, dtype=np.int64), counts)
-    ranks = np.diff(offsets)
-    r_used = ranks[np.unique(support)] if support.size else ranks[:0]
-    tm = tile or tile_rows(d, int(r_used.max()) if r_used.size else 0)
-    blas = _blas()
-    kernel = _slot_tasks_blas if blas["have_dot"] else _slot_tasks_loops
+    ranks4 = np.diff(offsets4)
+    r_used = ranks4[np.unique(support)] if support.size else ranks4[:0]
+    r4_max = int(r_used.max()) if r_used.size else 0
+    tm = tile or tile_rows(d, r4_max)
+    kernel = _slot_tasks_blas if _blas()["have_dot"] else _slot_tasks_loops
 
     sqrt_alpha = _F32(math.sqrt(alpha)) if alpha > 0 else _F32(0.0)
     d4 = 4 * ((d + 3) // 4)
@@ -476,48 +496,51 @@ def sample_numba(
     with _LOCK, _single_threaded_blas():
         with numba.parallel_chunksize(64):
             _init_out(out, mu, seed_of, k0, k1, sqrt_alpha, mode == "diag", scratch)
-        for slot in range(k if n_total else 0):
-            rows, tasks = _slot_tasks(np.ascontiguousarray(support[:, slot]), counts, starts, ranks, tm)
+        if k == 0 or n_total == 0 or r4_max == 0:
+            return
+        z_pool, y_pool = _pools(tm, r4_max, d)
+        for slot in range(k):
+            rows, tasks = _slot_tasks(np.ascontiguousarray(support[:, slot]), counts, starts, ranks4, tm)
             if len(tasks):
                 w_col = np.ascontiguousarray(weights[:, slot], dtype=np.float32)
                 with numba.parallel_chunksize(1):  # tasks handed out one at a time: load balance
-                    kernel(out, rows, tasks, bank_t, offsets, seed_of, w_col, _U32(slot), k0, k1)
+                    kernel(out, rows, tasks, bank4, offsets4, seed_of, w_col, _U32(slot), k0, k1, z_pool, y_pool)
 
 
 # ---------------------------------------------------------------- for the benchmark
 @njit(parallel=True, cache=True, error_model="numpy")
-def _tasks_gemm_only(tasks, bank_t, offsets, z_pool, y_pool):
-    """The tasks' sgemms alone (same tiles, same threading, no RNG, no scatter)."""
-    d = bank_t.shape[1]
+def _tasks_gemm_only(tasks, bank4, offsets4, z_pool, y_pool):
+    """The tasks' sgemms alone: same tiles, buffers and threading, no RNG, no scatter."""
+    d = bank4.shape[1]
     for t in prange(tasks.shape[0]):
         j, a, b = tasks[t, 0], tasks[t, 1], tasks[t, 2]
-        o0, o1 = offsets[j], offsets[j + 1]
-        n, r = b - a, o1 - o0
-        z = z_pool[: n * r].reshape(n, r)
-        y = np.dot(z, bank_t[o0:o1])
-        y_pool[t % y_pool.shape[0], 0] = y[0, 0] + y[n - 1, d - 1]  # keep the product alive
+        o0, o1 = offsets4[j], offsets4[j + 1]
+        tid = numba.get_thread_id()
+        z = z_pool[tid, : (b - a) * (o1 - o0)].reshape(b - a, o1 - o0)
+        np.dot(z, bank4[o0:o1], y_pool[tid, : (b - a) * d].reshape(b - a, d))
 
 
-def gemm_tiles(bank_t, offsets, support, counts, tile=None):
-    """A callable timing the numba backend's GEMMs alone on a job: the per-thread BLAS ceiling.
+def gemm_tiles(bank4, offsets4, support, counts, tile=None):
+    """A callable running the numba backend's GEMMs alone on a job: its per-thread BLAS ceiling.
 
-    Same tasks (slot, class, tile) and threading as :func:`sample_numba`; Z is a fixed random
-    buffer. Returns ``run()`` (no arguments). Needs scipy (numba's ``np.dot``).
+    Same tasks (slot, class, tile), buffers and threading as :func:`sample_numba`; Z is a fixed
+    random buffer. Returns ``run()`` (no arguments). Needs scipy (numba's ``np.dot``).
     """
     counts = np.ascontiguousarray(counts, dtype=np.int64)
-    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    offsets4 = np.ascontiguousarray(offsets4, dtype=np.int64)
     starts = np.zeros(len(counts), np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
-    ranks = np.diff(offsets)
-    tm = tile or tile_rows(bank_t.shape[1], int(ranks[np.unique(support)].max()))
-    all_tasks = [_slot_tasks(np.ascontiguousarray(support[:, s]), counts, starts, ranks, tm)[1]
+    ranks4 = np.diff(offsets4)
+    r4_max = int(ranks4[np.unique(support)].max())
+    tm = tile or tile_rows(bank4.shape[1], r4_max)
+    all_tasks = [_slot_tasks(np.ascontiguousarray(support[:, s]), counts, starts, ranks4, tm)[1]
                  for s in range(support.shape[1])]
-    z_pool = np.random.default_rng(0).standard_normal(tm * int(ranks.max())).astype(np.float32)
-    y_pool = np.zeros((64, 1), np.float32)
+    z_pool, y_pool = _pools(tm, r4_max, bank4.shape[1])
+    z_pool[:] = np.random.default_rng(0).standard_normal(z_pool.shape)
 
     def run():
         with _LOCK, _single_threaded_blas(), numba.parallel_chunksize(1):
             for tasks in all_tasks:
                 if len(tasks):
-                    _tasks_gemm_only(tasks, bank_t, offsets, z_pool, y_pool)
+                    _tasks_gemm_only(tasks, bank4, offsets4, z_pool, y_pool)
     return run

@@ -80,6 +80,10 @@ def test_factor_bank_packs_factors():
     assert bank.ranks.tolist() == [3, 0, 4] and bank.num_classes == 3 and bank.dim == 4
     torch.testing.assert_close(bank.factor(2), fs[2])
     torch.testing.assert_close(bank.transposed("cpu"), bank.data.T)
+    t4, o4 = bank.transposed_padded("cpu", 4)
+    assert o4.tolist() == [0, 4, 4, 8] and t4.shape == (8, 4)
+    torch.testing.assert_close(t4[[0, 1, 2, 4, 5, 6, 7]], bank.data.T)
+    assert (t4[3] == 0).all()
     with pytest.raises(ValueError):
         FactorBank.from_factors([torch.randn(4, 2), torch.randn(5, 2)])
 
@@ -151,7 +155,8 @@ def test_numba_matches_reference_larger_d_and_tiles():
     from glag.kernels import cpu
 
     out = np.empty(tuple(xr.shape), np.float32)
-    cpu.sample_numba(bank.transposed("cpu").numpy(), bank.offsets.numpy(), mu.numpy(), support.numpy(),
+    bank4, offsets4 = bank.transposed_padded("cpu", 4)
+    cpu.sample_numba(bank4.numpy(), offsets4.numpy(), mu.numpy(), support.numpy(),
                      w.numpy(), counts.numpy(), out, alpha=0.1, mode="diag", seed=3, tile=256)
     rel = (torch.from_numpy(out) - xr).abs().max() / xr.abs().max()
     assert rel <= 1e-5, rel
