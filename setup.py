@@ -29,6 +29,7 @@ setup(
         "torch==2.13.0",
         "numpy",
         "numba",
+        "scipy",  # the BLAS that numba's np.dot calls in the CPU sampling kernel
         "faiss-cpu",
         "h5py",
         "tqdm",
