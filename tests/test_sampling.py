@@ -268,3 +268,24 @@ def test_blas_threads_pinned_during_the_call_and_restored():
     with cpu._single_threaded_blas():
         assert get() == 1
     assert get() == before
+
+
+@pytest.mark.slow
+def test_bench_kernel_tiny_run(tmp_path):
+    """glag-bench end to end on a tiny job: table, JSON (every method, targets), plot."""
+    import json
+
+    from glag.tools import bench_kernel
+
+    out = tmp_path / "bench.json"
+    rc = bench_kernel.main(["--profiles", "cifar100-lt", "--dims", "16", "--ks", "2", "--work", "0.02",
+                            "--repeats", "1", "--min-seconds", "0", "--dc-seconds", "0", "--dc-seeds", "2",
+                            "--mvn-seeds", "4", "--ref-samples", "50", "--device", "cpu", "--no-progress",
+                            "--out", str(out), "--plot", str(tmp_path / "bench.png")])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["complete"] and len(res["results"]) == 1
+    methods = res["results"][0]["methods"]
+    assert {"dc-numpy", "torch-mvn", "torch-lowrank", "glag-numba", "glag-torch", "gemm-numpy"} <= set(methods)
+    assert methods["glag-numba"]["samples_per_s"] > 0 and "speedup" in methods["glag-numba"]
+    assert (tmp_path / "bench.png").stat().st_size > 0

@@ -526,13 +526,29 @@ def main(argv=None) -> int:
     configs = [(p, d, k) for p in args.profiles for d in args.dims for k in args.ks]
     results = []
     bar = tqdm(configs, desc="configs", disable=args.no_progress, file=sys.stderr)
+    settings = {"alpha": args.alpha, "mode": args.mode, "work_gflops": work / 1e9, "repeats": args.repeats,
+                "dc_seeds": args.dc_seeds, "dc_seconds": args.dc_seconds, "mvn_seeds": args.mvn_seeds,
+                "ref_samples": args.ref_samples, "seed": args.seed}
+
+    def save(final: bool):
+        """Write the JSON (after every config too: a killed run keeps what it measured)."""
+        payload = {"argv": sys.argv[1:] if argv is None else list(argv), "machine": machine, "settings": settings,
+                   "complete": final, "results": results, "targets": check_targets(results),
+                   "imagenet_epoch_projection": projection(results)}
+        tmp = args.out + ".partial"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, args.out)
+
     for prof, d, k in bar:
         job = build_job(prof, d, k, work, rng, device, args.alpha, args.mode)
         res = run_config(job, args, backends, bar)
         results.append(res)
         tqdm.write(format_table(res) + "\n", file=sys.stdout)
+        save(final=False)
         del job
     machine["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    save(final=True)
 
     targets = check_targets(results)
     proj = projection(results)
@@ -543,15 +559,6 @@ def main(argv=None) -> int:
         s = proj["seconds"]
         parts = ", ".join(f"{name} {sec:,.1f} s" if sec < 1e5 else f"{name} {sec / 3600:,.1f} h" for name, sec in s.items())
         print(f"Projected ImageNet-LT-sized epoch ({proj['epoch_samples']:,} samples, d=2048, k=3): {parts}")
-    payload = {"argv": sys.argv[1:] if argv is None else list(argv), "machine": machine,
-               "settings": {"alpha": args.alpha, "mode": args.mode, "work_gflops": work / 1e9, "repeats": args.repeats,
-                            "dc_seeds": args.dc_seeds, "dc_seconds": args.dc_seconds, "mvn_seeds": args.mvn_seeds,
-                            "ref_samples": args.ref_samples, "seed": args.seed},
-               "results": results, "targets": targets, "imagenet_epoch_projection": proj}
-    tmp = args.out + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     if args.plot:
         plot(results, args.plot)
