@@ -46,6 +46,19 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="list and folder datasets: crop size (default: %(default)s)")
 
 
+def parse_args_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv`` (default: the command line) after ``--config`` has replaced the defaults."""
+    argv = sys.argv[1:] if argv is None else argv
+    apply_json_defaults(parser, argv)
+    return parser.parse_args(argv)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """Build the dataclass ``cls`` from the parsed options that are its fields."""
+    fields = set(cls.__dataclass_fields__)
+    return cls(**{k: v for k, v in vars(args).items() if k in fields})
+
+
 def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
     """``--config run/config.json`` replaces the parser's defaults; flags on the command line still win."""
     pre = argparse.ArgumentParser(add_help=False)

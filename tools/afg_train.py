@@ -21,9 +21,9 @@ if __package__ in (None, ""):
     import os
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import apply_json_defaults, setup_logging
+    from tools._common import config_from_args, parse_args_with_config, setup_logging
 else:
-    from ._common import apply_json_defaults, setup_logging
+    from ._common import config_from_args, parse_args_with_config, setup_logging
 
 
 def _bool(s: str) -> bool:
@@ -101,16 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    apply_json_defaults(parser, argv)
-    args = parser.parse_args(argv)
+    args = parse_args_with_config(build_parser(), argv)
     setup_logging(args.verbose)
     from glag.metrics import format_table
     from glag.stage2 import Stage2Config, train_stage2
 
-    fields = set(Stage2Config.__dataclass_fields__)
-    cfg = Stage2Config(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg = config_from_args(Stage2Config, args)
     metrics = train_stage2(cfg, resume=args.resume)
     if args.plots:
         from pathlib import Path

@@ -21,9 +21,9 @@ if __package__ in (None, ""):  # run as a script: make "tools" importable as a p
     import os
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import add_data_args, apply_json_defaults, setup_logging
+    from tools._common import add_data_args, config_from_args, parse_args_with_config, setup_logging
 else:
-    from ._common import add_data_args, apply_json_defaults, setup_logging
+    from ._common import add_data_args, config_from_args, parse_args_with_config, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    apply_json_defaults(parser, argv)
-    args = parser.parse_args(argv)
+    args = parse_args_with_config(build_parser(), argv)
     from glag import distributed
 
     distributed.init_from_env()  # no-op without torchrun
@@ -82,8 +79,7 @@ def main(argv=None) -> int:
     try:
         from glag.stage1 import Stage1Config, train_stage1
 
-        fields = set(Stage1Config.__dataclass_fields__)
-        cfg = Stage1Config(**{k: v for k, v in vars(args).items() if k in fields})
+        cfg = config_from_args(Stage1Config, args)
         metrics = train_stage1(cfg, resume=args.resume)
     finally:
         distributed.cleanup()
