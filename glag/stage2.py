@@ -16,7 +16,8 @@ the head threshold) with calibrated Gaussians generated around its real samples,
 resampling its real features (``crt`` resamples every class); the classifier is
 trained on real ∪ generated with ``CE + τ(t)·KD`` (KD on head-class real samples, teacher = the
 stage-one logits stored in the feature file), then per-class **validation** accuracy moves each
-tail class's ω. The classifier is selected on validation top-1; the test split is used once, at
+tail class's ω (its initial value is itself chosen on validation by default: :func:`select_omega_init`).
+The classifier is selected on validation top-1; the test split is used once, at
 the end, and never for ω or selection.
 
 Data paths: everything in memory (:class:`InMemoryData`, the default), or, when ``max_memory`` is
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -43,7 +45,7 @@ from . import afg, streaming
 from .features import open_features
 from .losses import kd_loss, tau_schedule
 from .metrics import format_table, per_class_accuracy, summarize
-from .runs import RunDir, atomic_torch_save, atomic_write_json, seed_everything
+from .runs import RunDir, atomic_torch_save, atomic_write_bytes, atomic_write_json, seed_everything
 from .sampling import sample_calibrated
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ class Stage2Config:
     kd: bool | None = None
     adaptive_omega: bool | None = None
     weights: str | None = None
-    omega_init: float | None = 0.6  # None: DC's k/(k+1)
+    omega_init: float | str | None = "auto"  # "auto": chosen on val from omega_grid; None: DC's k/(k+1)
+    omega_grid: tuple[float, ...] = (0.6, 0.4, 0.2, 0.0)  # "auto" candidates; ties go to the earlier one
     omega_step: float = 0.05
     omega_reference: str = "best"
     omega_margin: float = 0.0
@@ -107,6 +110,21 @@ class Stage2Config:
                 values[key] = val
         if values["omega_init"] is None:
             values["omega_init"] = afg.dc_omega(self.k)
+        values["omega_grid"] = tuple(float(w) for w in values["omega_grid"])
+        if not values["omega_grid"] or not all(0.0 <= w <= 1.0 for w in values["omega_grid"]):
+            raise ValueError(f"--omega-grid needs one or more values in [0, 1], got {list(values['omega_grid'])}")
+        if isinstance(values["omega_init"], str):
+            if values["omega_init"] != "auto":
+                try:
+                    values["omega_init"] = float(values["omega_init"])
+                except ValueError:
+                    raise ValueError(f"--omega-init must be a number in [0, 1] or 'auto', got "
+                                     f"{values['omega_init']!r}") from None
+            elif not values["generate"]:
+                # ω is unused (crt): nothing to choose
+                values["omega_init"] = values["omega_grid"][0]
+        if not isinstance(values["omega_init"], str) and not 0.0 <= values["omega_init"] <= 1.0:
+            raise ValueError(f"--omega-init must lie in [0, 1], got {values['omega_init']}")
         if values["weights"] not in ("uniform", "size_over_distance"):
             raise ValueError(f"unknown --weights {values['weights']!r}; choose uniform or size_over_distance")
         if values["alpha_mode"] not in ("all", "diag"):
@@ -161,6 +179,9 @@ class EpochBuilder:
             self.counts, cfg.head_threshold, self.n_max, cfg.generate)
         self.is_head = torch.zeros(self.num_classes, dtype=torch.bool)
         self.is_head[self.head_ids] = True
+        if cfg.generate and isinstance(cfg.omega_init, str):
+            raise ValueError(f"omega_init={cfg.omega_init!r} is resolved by select_omega_init (train_stage2), "
+                             "one run per candidate: an epoch builder needs a number")
         self.rng = np.random.default_rng([cfg.seed, 2])  # stream for allocation / resampling
         self.seed_rows = torch.zeros(0, dtype=torch.int64)
         if not len(self.tail_ids):
@@ -317,10 +338,62 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict:
     best.pt (the classifier chosen on val) and metrics.json (per-class accuracies included, for plots).
     """
     cfg = cfg.resolved()
+    if cfg.omega_init == "auto":
+        return select_omega_init(cfg, resume)
     with open_features(cfg.features) as ff:
         small = ff.feature_dim * ff.num_classes <= 2 ** 20
     with torch_threads(cfg.threads or (1 if small else None)):
         return _train_stage2(cfg, resume)
+
+
+def pick_omega_init(grid, val_top1) -> float:
+    """The grid value with the highest validation top-1; a tie goes to the earlier value."""
+    return grid[max(range(len(grid)), key=lambda i: (val_top1[i], -i))]
+
+
+def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
+    """``omega_init="auto"``: one full run per value of ``cfg.omega_grid``, the one with the best
+    **validation** top-1 kept (ties: the earlier grid value, the paper's 0.6 first).
+
+    METHOD.md step 7 leaves ω's initial value open (0.6 in the paper's implementation details,
+    0.4 in its ablation), and it decides how far each tail class's mean is pulled towards head
+    classes: on fmnist-lt, where no head class resembles the tail ones, 0 wins, while datasets with
+    related head classes may want more. So it is chosen like any other hyper-parameter, on the
+    validation split; the test split is read only by each candidate's final evaluation.
+
+    The candidates are ordinary run folders, ``<out>/omega_init/<value>/`` (each resumable); the
+    winner's ``best.pt``, ``omega.json`` and ``summary.csv`` are copied to ``<out>``, and
+    ``<out>/metrics.json`` is the winner's with ``omega_init_selected`` and ``omega_selection``
+    (every candidate's validation metrics) added.
+    """
+    run = RunDir(cfg.out, resume=resume)
+    if not (run / "config.json").exists():
+        run.write_config(dataclasses.asdict(cfg), cfg.seed)
+    val = {}
+    for w in cfg.omega_grid:
+        sub = run / "omega_init" / f"{w:g}"
+        if (sub / "metrics.json").exists():
+            m = json.loads((sub / "metrics.json").read_text())
+            log.info("ω_init %g: finished earlier (%s)", w, sub)
+        else:
+            log.info("ω_init %g: stage two in %s", w, sub)
+            m = train_stage2(dataclasses.replace(cfg, omega_init=w, out=str(sub)),
+                             resume=resume and (sub / "config.json").exists())
+        val[w] = m["stage2"]["val"]
+    best = pick_omega_init(cfg.omega_grid, [val[w]["top1"] for w in cfg.omega_grid])
+    src = run / "omega_init" / f"{best:g}"
+    for name in ("best.pt", "omega.json", "summary.csv"):
+        if (src / name).exists():
+            atomic_write_bytes(run / name, (src / name).read_bytes())
+    chosen = json.loads((src / "config.json").read_text())
+    atomic_write_json(run / "config.json", {**chosen, "out": cfg.out, "omega_init": "auto",
+                                            "omega_grid": list(cfg.omega_grid), "omega_init_selected": best})
+    metrics = json.loads((src / "metrics.json").read_text())
+    metrics.update(omega_init_selected=best, omega_selection={f"{w:g}": val[w] for w in cfg.omega_grid})
+    run.write_metrics(metrics)
+    log.info("ω_init chosen on val: %g\n%s", best,
+             format_table({f"ω_init {w:g}, val": val[w] for w in cfg.omega_grid}))
+    return metrics
 
 
 def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
@@ -375,7 +448,8 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
 
     n_real = data.n_real
     state = None
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"stage two ({cfg.method})", unit="epoch",
+    label = f"{cfg.method}, ω_init {cfg.omega_init:g}" if omega is not None else cfg.method
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"stage two ({label})", unit="epoch",
                disable=not cfg.progress, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         t0 = time.time()

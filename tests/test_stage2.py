@@ -55,11 +55,48 @@ def test_presets_resolve_as_documented():
     crt = Stage2Config(method="crt").resolved()
     assert not crt.generate and not crt.kd
     glag = Stage2Config(method="glag").resolved()
-    assert glag.kd and glag.adaptive_omega and glag.weights == "size_over_distance" and glag.omega_init == 0.6
+    assert glag.kd and glag.adaptive_omega and glag.weights == "size_over_distance" and glag.omega_init == "auto"
+    assert glag.omega_grid == (0.6, 0.4, 0.2, 0.0)
+    # ω is unused by cRT and fixed to k/(k+1) by DC: nothing to choose
+    assert crt.omega_init == 0.6
+    assert Stage2Config(method="glag", omega_init="0.4").resolved().omega_init == 0.4
+    for bad, match in ((dict(omega_init="best"), "number in \\[0, 1\\] or 'auto'"),
+                       (dict(omega_init=1.5), "must lie in \\[0, 1\\]"),
+                       (dict(omega_grid=()), "one or more values"), (dict(omega_grid=(0.2, -0.1)), "one or more values")):
+        with pytest.raises(ValueError, match=match):
+            Stage2Config(method="glag", **bad).resolved()
     # an explicit value beats the preset
     assert not Stage2Config(method="glag", kd=False).resolved().kd
     with pytest.raises(ValueError, match="unknown method"):
         Stage2Config(method="ldam").resolved()
+
+
+def test_omega_init_auto_keeps_the_best_validation_run(feats, tmp_path):
+    out = tmp_path / "auto"
+    m = train_stage2(cfg(feats, out, epochs=3, omega_grid=(0.6, 0.0)))
+    cand = {w: json.loads((out / "omega_init" / w / "metrics.json").read_text()) for w in ("0.6", "0")}
+    val = {w: c["stage2"]["val"]["top1"] for w, c in cand.items()}
+    chosen = "0.6" if val["0.6"] >= val["0"] else "0"
+    assert f"{m['omega_init_selected']:g}" == chosen
+    assert m["stage2"] == cand[chosen]["stage2"] and m["per_class"] == cand[chosen]["per_class"]
+    # the selection record holds validation metrics only
+    assert m["omega_selection"] == {w: c["stage2"]["val"] for w, c in cand.items()}
+    assert (out / "best.pt").read_bytes() == (out / "omega_init" / chosen / "best.pt").read_bytes()
+    om = json.loads((out / "omega.json").read_text())
+    assert np.allclose(np.array(om["history"])[0, om["tail_classes"]], float(chosen))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["omega_init"] == "auto" and saved["omega_grid"] == [0.6, 0.0]
+    assert saved["omega_init_selected"] == float(chosen) and saved["generated_classes"] == [3, 4, 5, 6, 7]
+    # each candidate is a run with a numeric ω_init
+    assert json.loads((out / "omega_init" / "0" / "config.json").read_text())["omega_init"] == 0.0
+
+
+def test_pick_omega_init_breaks_ties_towards_the_earlier_value():
+    from glag.stage2 import pick_omega_init
+
+    assert pick_omega_init((0.6, 0.4, 0.2, 0.0), [70.0, 72.5, 72.5, 71.0]) == 0.4
+    assert pick_omega_init((0.6, 0.0), [70.0, 70.0]) == 0.6
+    assert pick_omega_init((0.6, 0.0), [69.5, 70.0]) == 0.0
 
 
 def test_every_class_is_topped_up_to_n_max(feats, tmp_path):
@@ -67,7 +104,7 @@ def test_every_class_is_topped_up_to_n_max(feats, tmp_path):
 
     ff, splits = load_splits(feats, 0.5)
     for method in ("crt", "glag"):
-        c = Stage2Config(features=str(feats), method=method, backend="torch").resolved()
+        c = Stage2Config(features=str(feats), method=method, backend="torch", omega_init=0.6).resolved()
         b = EpochBuilder(c, splits["train"], ff.class_counts)
         x, y, kd_mask = b.build(0, None)
         assert np.bincount(y.numpy()).tolist() == [300] * len(COUNTS)
@@ -80,7 +117,7 @@ def test_every_class_is_topped_up_to_n_max(feats, tmp_path):
 
 def test_adaptive_omega_trajectory_is_saved(feats, tmp_path):
     out = tmp_path / "glag"
-    train_stage2(cfg(feats, out, method="glag", epochs=5))
+    train_stage2(cfg(feats, out, method="glag", epochs=5, omega_init=0.6))
     om = json.loads((out / "omega.json").read_text())
     hist = np.array(om["history"])
     assert hist.shape == (6, len(COUNTS))  # the initial ω plus one row per epoch
@@ -175,7 +212,7 @@ def test_class_with_one_sample_borrows_only_support_covariance(tmp_path):
     from glag.stage2 import EpochBuilder, load_splits
 
     ff, splits = load_splits(path, 0.5)
-    b = EpochBuilder(Stage2Config(features=str(path), backend="torch").resolved(), splits["train"], ff.class_counts)
+    b = EpochBuilder(Stage2Config(features=str(path), backend="torch", omega_init=0.6).resolved(), splits["train"], ff.class_counts)
     assert b.stats.bank.ranks[4] == 0  # no covariance of its own
     x, y, _ = b.build(0, None)
     gen = x[len(splits["train"].y):][y[len(splits["train"].y):] == 4]

@@ -39,7 +39,8 @@ def wide(tmp_path_factory):
 
 
 def cfg(feats, out, **kw):
-    base = dict(features=str(feats), out=str(out), epochs=4, batch_size=128, backend="torch", progress=False)
+    base = dict(features=str(feats), out=str(out), epochs=4, batch_size=128, backend="torch", progress=False,
+                omega_init=0.6)
     base.update(kw)
     return Stage2Config(**base)
 
@@ -87,7 +88,8 @@ def test_streaming_statistics_equal_class_statistics(offset):
 def test_statistics_pass_matches_the_in_memory_builder(which, request):
     path = request.getfixturevalue(which)
     ff, splits = load_splits(path, 0.5)
-    c = Stage2Config(features=str(path), backend="torch", max_memory=TINY, stream_block_rows=8).resolved()
+    c = Stage2Config(features=str(path), backend="torch", max_memory=TINY, stream_block_rows=8,
+                     omega_init=0.6).resolved()
     mem = EpochBuilder(c, splits["train"], ff.class_counts)
     plan = plan_streaming(ff, c, parse_bytes(TINY))
     reader = H5Rows(path)
@@ -110,7 +112,7 @@ def test_statistics_pass_matches_the_in_memory_builder(which, request):
 def test_streamed_epoch_is_balanced_and_aligned(feats):
     """C·n_max samples, n_max a class; KD only on real head rows, with their own teacher logits."""
     c = Stage2Config(features=str(feats), backend="torch", max_memory=TINY, stream_block_rows=64,
-                     batch_size=100).resolved()
+                     batch_size=100, omega_init=0.6).resolved()
     with open_features(feats) as ff:
         data = StreamingData(c, ff, plan_streaming(ff, c, parse_bytes(TINY)))
         train = ff.load("train")
@@ -232,7 +234,7 @@ _CHILD = textwrap.dedent("""
     base = rss_bytes()
     budget = base + (40 << 20)
     m = train_stage2(Stage2Config(features=path, out=out, epochs=1, n_max=500, backend=backend,
-                                  max_memory=budget, progress=False))
+                                  max_memory=budget, progress=False, omega_init=0.6))
     print(json.dumps({"reset": reset, "base": base, "peak": peak_rss_bytes(), "budget": budget,
                       "path": m["data_path"], "fits": m["stream_plan"]["fits"], "top1": m["stage2"]["test"]["top1"]}))
 """)

@@ -7,7 +7,8 @@ Reads the feature file of tools/extract.py (or any HDF5 file in its schema), fit
 statistics in Tukey space, finds each tail sample's k nearest head-class means with FAISS,
 tops every class up to n_max with calibrated Gaussian samples each epoch, and trains a linear
 classifier with CE + τ(t)·KD (KD from the stage-one logits on head-class samples). ω per tail
-class moves with its validation accuracy. With --max-memory, features that do not fit are
+class moves with its validation accuracy; its initial value is chosen on validation from a small
+grid (--omega-init auto, one run per value under <out>/omega_init/). With --max-memory, features that do not fit are
 streamed from the file (e.g. iNaturalist at d = 2048: --max-memory 4G). Writes into --out: config.json, env.json,
 summary.csv, omega.json, best.pt, last.pt, metrics.json, per_class_test.png, omega.png.
 """
@@ -32,6 +33,18 @@ def _bool(s: str) -> bool:
     if s.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _omega_init(s: str):
+    if s == "auto":
+        return s
+    try:
+        w = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {s!r}") from None
+    if not 0.0 <= w <= 1.0:
+        raise argparse.ArgumentTypeError(f"ω must lie in [0, 1], got {w}")
+    return w
 
 
 def _bytes(s: str) -> int:
@@ -70,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head (support) classes have more training images than this (default: %(default)s)")
     g.add_argument("--n-max", type=int, help="top every class up to this count (default: the largest class)")
     g.add_argument("--adaptive-omega", type=_bool, metavar="BOOL", help="move ω by validation accuracy")
-    g.add_argument("--omega-init", type=float, default=0.6, help="initial ω of tail classes (default: %(default)s)")
+    g.add_argument("--omega-init", type=_omega_init, default="auto",
+                   help="initial ω of tail classes, or 'auto': one run per --omega-grid value, the best on "
+                        "validation top-1 kept (the paper gives 0.6 and 0.4) (default: %(default)s)")
+    g.add_argument("--omega-grid", type=float, nargs="+", default=[0.6, 0.4, 0.2, 0.0], metavar="W",
+                   help="candidates of --omega-init auto; ties go to the earlier one (default: 0.6 0.4 0.2 0.0)")
     g.add_argument("--omega-step", type=float, default=0.05, help="(default: %(default)s)")
     g.add_argument("--omega-reference", default="best", choices=("best", "ema", "last"),
                    help="ω moves when val accuracy beats / falls below this reference (default: %(default)s)")
@@ -120,6 +137,9 @@ def main(argv=None) -> int:
             plot_omega(om["history"], om["tail_classes"], metrics["class_counts"], out / "omega.png")
     rows = {f"stage one, {k}": v for k, v in metrics["stage1"].items()}
     rows.update({f"{cfg.method}, {k}": v for k, v in metrics["stage2"].items()})
+    if "omega_selection" in metrics:
+        print(f"ω_init chosen on val: {metrics['omega_init_selected']:g} (candidates, val split:)")
+        print(format_table({f"ω_init {w}": v for w, v in metrics["omega_selection"].items()}))
     print(f"stage two ({cfg.method}), best epoch {metrics['best_epoch']} chosen on val; run folder {cfg.out}")
     print(format_table(rows))
     return 0

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs to run (default: 40 for cifar100, 1 for inat)")
     p.add_argument("--max-steps", type=int, help="stop each epoch after this many steps and extrapolate")
     p.add_argument("--method", default="glag", help="stage-two method (default: %(default)s)")
+    p.add_argument("--omega-init", type=float, default=0.6,
+                   help="ω_init of the one timed run; the stage-two default, 'auto', makes one such run per "
+                        "grid value (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads (default: stage two's own choice)")
     p.add_argument("--backend", choices=("cuda", "numba", "torch"), help="sampler backend (default: auto)")
@@ -177,7 +180,7 @@ def measure(args, spec) -> dict:
     start_rss = rss_bytes()
     out = args.out or tempfile.mkdtemp(prefix="bench_stage2_")
     cfg = Stage2Config(features=str(args.path), out=os.path.join(out, "run"), method=args.method,
-                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, backend=args.backend,
+                       omega_init=args.omega_init, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, backend=args.backend,
                        threads=args.threads, max_memory=args.max_memory, max_steps_per_epoch=args.max_steps,
                        progress=True)
     t0 = time.time()
