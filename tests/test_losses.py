@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from glag.losses import StageOneLoss, kd_loss, log_prior, logit_adjusted_ce, tau_schedule
+from glag.losses import StageOneLoss, ce_kd_logit_grad, kd_loss, log_prior, logit_adjusted_ce, tau_schedule
 
 
 def test_tau_schedule_power_and_variants():
@@ -76,3 +76,29 @@ def test_kd_loss_by_hand():
     kd_loss(s2, t2).backward()
     assert s2.grad is not None and s2.grad.abs().sum() > 0 and t2.grad is None
     assert kd_loss(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0.0
+
+
+@pytest.mark.parametrize("n_kd", [0, 1, 37])
+def test_closed_form_gradient_matches_autograd(n_kd):
+    """Stage two's closed-form ∂(CE + τ·KD)/∂z against autograd through F.cross_entropy and kd_loss."""
+    g = torch.Generator().manual_seed(n_kd)
+    B, C, tau, T = 64, 11, 0.7, 2.0
+    z = (3 * torch.randn(B, C, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, C, (B,), generator=g)
+    rows = torch.zeros(B, dtype=torch.bool)
+    rows[torch.randperm(B, generator=g)[:n_kd]] = True
+    teacher = 3 * torch.randn(n_kd, C, generator=g, dtype=torch.float64)
+    ce = torch.nn.functional.cross_entropy(z, y)
+    loss = ce + (tau * kd_loss(z[rows], teacher, T) if n_kd else 0.0)
+    loss.backward()
+    grad, ce2, kd2 = ce_kd_logit_grad(z.detach(), y, rows, teacher, tau, T)
+    assert torch.allclose(grad, z.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ce2, ce.detach())
+    if n_kd:
+        assert torch.allclose(kd2, kd_loss(z.detach()[rows], teacher, T))
+    else:
+        assert kd2 is None
+    # no KD rows given: plain CE
+    grad_ce, _, none = ce_kd_logit_grad(z.detach(), y)
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(z, y), z)[0]
+    assert none is None and torch.allclose(grad_ce, ref, rtol=1e-10, atol=1e-12)

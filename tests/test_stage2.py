@@ -91,6 +91,20 @@ def test_omega_init_auto_keeps_the_best_validation_run(feats, tmp_path):
     assert json.loads((out / "omega_init" / "0" / "config.json").read_text())["omega_init"] == 0.0
 
 
+def test_closed_form_gradient_trains_as_autograd_does(feats, tmp_path):
+    """The default closed-form step against the autograd step (the oracle): same classifier."""
+    runs = {}
+    for closed in (True, False):
+        out = tmp_path / f"closed-{closed}"
+        runs[closed] = train_stage2(cfg(feats, out, epochs=3, omega_init=0.6, closed_form_grad=closed))
+        runs[closed]["head"] = torch.load(out / "last.pt", weights_only=True)["head"]
+    for name in ("weight", "bias"):
+        assert torch.allclose(runs[True]["head"][name], runs[False]["head"][name], rtol=1e-4, atol=1e-5)
+    a = np.loadtxt(tmp_path / "closed-True" / "summary.csv", delimiter=",", skiprows=1, usecols=(3, 4))
+    b = np.loadtxt(tmp_path / "closed-False" / "summary.csv", delimiter=",", skiprows=1, usecols=(3, 4))
+    assert np.allclose(a, b, rtol=1e-4)  # the logged CE and KD per epoch
+
+
 def test_pick_omega_init_breaks_ties_towards_the_earlier_value():
     from glag.stage2 import pick_omega_init
 
