@@ -256,3 +256,24 @@ def test_existing_run_is_not_overwritten(feats, tmp_path):
     train_stage2(cfg(feats, tmp_path / "run", epochs=1))
     with pytest.raises(FileExistsError, match="--resume"):
         train_stage2(cfg(feats, tmp_path / "run", epochs=1))
+
+
+def test_command_line_run_and_its_replay_from_config_json(feats, tmp_path, capsys):
+    """tools/afg_train.py as a user runs it: run folder, plots, the ω_init table; then
+    ``--config <run>/config.json`` (which also names the feature file) replays it exactly."""
+    from tools import afg_train
+
+    out = tmp_path / "cli"
+    assert afg_train.main(["--features", str(feats), "--out", str(out), "--epochs", "3", "--omega-grid", "0.6", "0",
+                           "--backend", "torch", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "ω_init chosen on val" in printed and "glag, test" in printed
+    for name in ("config.json", "env.json", "metrics.json", "best.pt", "omega.json", "summary.csv",
+                 "per_class_test.png", "omega.png", "omega_init/0.6/metrics.json", "omega_init/0/metrics.json"):
+        assert (out / name).is_file(), name
+    assert (out / "per_class_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = json.loads((out / "metrics.json").read_text())
+    assert afg_train.main(["--config", str(out / "config.json"), "--out", str(tmp_path / "replay"),
+                           "--no-plots", "--no-progress"]) == 0
+    again = json.loads((tmp_path / "replay" / "metrics.json").read_text())
+    assert again["stage2"] == first["stage2"] and again["omega_init_selected"] == first["omega_init_selected"]

@@ -76,3 +76,6 @@ def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
     if unknown:
         logging.getLogger(__name__).warning("--config keys not known to this tool, ignored: %s", unknown)
     parser.set_defaults(**{k: v for k, v in values.items() if k in dests})
+    for action in parser._actions:  # a value from the file satisfies a required option
+        if action.required and action.dest in values:
+            action.required = False
