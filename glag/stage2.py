@@ -370,6 +370,8 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     run = RunDir(cfg.out, resume=resume)
     if not (run / "config.json").exists():
         run.write_config(dataclasses.asdict(cfg), cfg.seed)
+    log.info("ω_init auto: %d stage-two runs, ω_init in %s, the best on validation kept (a number for "
+             "--omega-init runs one)", len(cfg.omega_grid), list(cfg.omega_grid))
     val = {}
     for w in cfg.omega_grid:
         sub = run / "omega_init" / f"{w:g}"
