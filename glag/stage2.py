@@ -264,15 +264,22 @@ class InMemoryData:
         x, y, kd_mask = self.builder.build(epoch, omega)
         info = {"data": time.time() - t0}
         perm = torch.randperm(len(y), generator=gen)
-        teacher = self.train.teacher
+        # shuffle once, then every batch is a slice (a view): no per-step gathers
+        x, y, kd_mask = x[perm], y[perm], kd_mask[perm]
+        teacher = None
+        if use_kd and self.train.teacher is not None:
+            kd_pos = torch.nonzero(kd_mask).flatten()
+            # real rows come first in the built epoch, in file order: row i's teacher is teacher[i]
+            teacher = self.train.teacher[perm[kd_pos]]
+            kd_bounds = torch.searchsorted(kd_pos, torch.arange(0, len(y) + batch_size, batch_size)).tolist()
 
         def batches():
-            for i in range(0, len(perm), batch_size):
-                b = perm[i:i + batch_size]
-                mb = kd_mask[b]
-                # real rows come first in x, in file order: row i's teacher is teacher[i]
-                tb = teacher[b[mb]] if use_kd and mb.any() else None
-                yield x[b], y[b], mb, tb
+            for n, i in enumerate(range(0, len(y), batch_size)):
+                mb = kd_mask[i:i + batch_size]
+                tb = None
+                if teacher is not None and kd_bounds[n + 1] > kd_bounds[n]:
+                    tb = teacher[kd_bounds[n]:kd_bounds[n + 1]]
+                yield x[i:i + batch_size], y[i:i + batch_size], mb, tb
 
         return batches(), info
 
