@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from . import afg, streaming
 from .features import open_features
 from .losses import ce_kd_logit_grad, kd_loss, tau_schedule
 from .metrics import format_table, per_class_accuracy, summarize
+from .optim import MomentumSGD
 from .runs import RunDir, atomic_torch_save, atomic_write_bytes, atomic_write_json, seed_everything
 from .sampling import sample_calibrated
 
@@ -71,6 +73,7 @@ class Stage2Config:
     weights: str | None = None
     omega_init: float | str | None = "auto"  # "auto": chosen on val from omega_grid; None: DC's k/(k+1)
     omega_grid: tuple[float, ...] = (0.6, 0.4, 0.2, 0.0)  # "auto" candidates; ties go to the earlier one
+    omega_workers: int | None = None  # "auto": candidates run at once; None: one per free core for small heads
     omega_step: float = 0.05
     omega_reference: str = "best"
     omega_margin: float = 0.0
@@ -379,17 +382,22 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
         run.write_config(dataclasses.asdict(cfg), cfg.seed)
     log.info("ω_init auto: %d stage-two runs, ω_init in %s, the best on validation kept (a number for "
              "--omega-init runs one)", len(cfg.omega_grid), list(cfg.omega_grid))
-    val = {}
-    for w in cfg.omega_grid:
-        sub = run / "omega_init" / f"{w:g}"
-        if (sub / "metrics.json").exists():
-            m = json.loads((sub / "metrics.json").read_text())
-            log.info("ω_init %g: finished earlier (%s)", w, sub)
+    folder = {w: run / "omega_init" / f"{w:g}" for w in cfg.omega_grid}
+    todo = []
+    for w in dict.fromkeys(cfg.omega_grid):
+        if (folder[w] / "metrics.json").exists():
+            log.info("ω_init %g: finished earlier (%s)", w, folder[w])
         else:
-            log.info("ω_init %g: stage two in %s", w, sub)
-            m = train_stage2(dataclasses.replace(cfg, omega_init=w, out=str(sub)),
-                             resume=resume and (sub / "config.json").exists())
-        val[w] = m["stage2"]["val"]
+            todo.append((dataclasses.replace(cfg, omega_init=w, out=str(folder[w])),
+                         resume and (folder[w] / "config.json").exists()))
+    workers = min(len(todo), cfg.omega_workers or _candidate_workers(cfg))
+    if workers > 1:
+        _run_candidates_in_processes(todo, workers, cfg.progress)
+    else:
+        for child, child_resume in todo:
+            log.info("ω_init %g: stage two in %s", child.omega_init, child.out)
+            train_stage2(child, resume=child_resume)
+    val = {w: json.loads((folder[w] / "metrics.json").read_text())["stage2"]["val"] for w in cfg.omega_grid}
     best = pick_omega_init(cfg.omega_grid, [val[w]["top1"] for w in cfg.omega_grid])
     src = run / "omega_init" / f"{best:g}"
     for name in ("best.pt", "omega.json", "summary.csv"):
@@ -404,6 +412,50 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     log.info("ω_init chosen on val: %g\n%s", best,
              format_table({f"ω_init {w:g}, val": val[w] for w in cfg.omega_grid}))
     return metrics
+
+
+def _candidate_workers(cfg: Stage2Config) -> int:
+    """How many ω_init candidates to train at once: one per core when each run is single-threaded
+    (a small head, see :func:`train_stage2`) and in memory; otherwise one after another."""
+    if cfg.max_memory is not None:
+        return 1  # the memory budget is per process
+    with open_features(cfg.features) as ff:
+        small = ff.feature_dim * ff.num_classes <= 2 ** 20
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_run = cfg.threads or (1 if small else cores)
+    return max(1, cores // per_run)
+
+
+def _candidate_init(numba_threads: int, log_level: int) -> None:
+    """Worker start-up: share the cores (numba's pool is sized at import) and log warnings."""
+    os.environ["NUMBA_NUM_THREADS"] = str(numba_threads)
+    logging.basicConfig(level=max(log_level, logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _candidate_run(cfg: Stage2Config, resume: bool) -> float:
+    return train_stage2(cfg, resume=resume)["stage2"]["val"]["top1"]
+
+
+def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> None:
+    """Train the (config, resume) candidates in ``workers`` fresh processes (spawned: no state of
+    this one is shared). Each run is deterministic and writes only its own folder, so the results
+    equal a sequential run's."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    log.info("ω_init auto: %d candidates in %d processes", len(todo), workers)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_candidate_init,
+                             initargs=(max(1, cores // workers), logging.getLogger().getEffectiveLevel())) as pool:
+        futures = {pool.submit(_candidate_run, dataclasses.replace(child, progress=False), child_resume):
+                   child.omega_init for child, child_resume in todo}
+        bar = tqdm(total=len(futures), desc="stage two, ω_init candidates", unit="run", disable=not progress)
+        for fut in as_completed(futures):
+            log.info("ω_init %g: val top-1 %.2f", futures[fut], fut.result())
+            bar.update()
+        bar.close()
 
 
 def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
@@ -432,8 +484,7 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
 
     gen = torch.Generator().manual_seed(cfg.seed)
     head = torch.nn.Linear(d, C)
-    optimizer = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = MomentumSGD(head.parameters(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     m_epoch = C * builder.n_max
     steps_per_epoch = math.ceil(m_epoch / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -473,10 +524,8 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
                 break
             step = epoch * steps_per_epoch + n_steps
             lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
             ce, kd = _gradients(head, xb, yb, mb if use_kd else None, tb, tau, cfg)
-            optimizer.step()
+            optimizer.step(lr)
             if kd is not None:
                 kd_sum += kd.item() * int(mb.sum())
             ce_sum += ce.item() * len(yb)

@@ -74,9 +74,8 @@ __all__ = [
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # Memory the process gains later from what stage two imports lazily, when not imported yet
-# (measured on CPython 3.11 / torch 2.13: torch.optim's first optimizer imports torch._dynamo,
-# +70 MiB; faiss +12 MiB; numba with the compiled sampler +135 MiB).
-_LAZY_IMPORTS = {"torch._dynamo": 80 << 20, "faiss": 16 << 20, "numba": 144 << 20}
+# (measured on CPython 3.11 / torch 2.13: faiss +12 MiB; numba with the compiled sampler +135 MiB).
+_LAZY_IMPORTS = {"faiss": 16 << 20, "numba": 144 << 20}
 # Slack for the allocator, HDF5 chunk caches, tqdm, checkpoint writing and small arrays:
 # budget / 64, between 16 and 64 MiB.
 _SLACK = (16 << 20, 64 << 20)

@@ -20,7 +20,9 @@ def feats(tmp_path_factory):
 
 
 def cfg(feats, out, **kw):
-    base = dict(features=str(feats), out=str(out), epochs=4, batch_size=128, backend="torch", progress=False)
+    # ω_init candidates in this process (tests patch and watch it); the process pool has its own test
+    base = dict(features=str(feats), out=str(out), epochs=4, batch_size=128, backend="torch", progress=False,
+                omega_workers=1)
     base.update(kw)
     return Stage2Config(**base)
 
@@ -89,6 +91,17 @@ def test_omega_init_auto_keeps_the_best_validation_run(feats, tmp_path):
     assert saved["omega_init_selected"] == float(chosen) and saved["generated_classes"] == [3, 4, 5, 6, 7]
     # each candidate is a run with a numeric ω_init
     assert json.loads((out / "omega_init" / "0" / "config.json").read_text())["omega_init"] == 0.0
+
+
+def test_omega_init_candidates_in_processes_equal_one_after_another(feats, tmp_path):
+    seq = train_stage2(cfg(feats, tmp_path / "seq", epochs=3, omega_grid=(0.6, 0.2, 0.0)))
+    par = train_stage2(cfg(feats, tmp_path / "par", epochs=3, omega_grid=(0.6, 0.2, 0.0), omega_workers=2))
+    for key in ("stage2", "per_class", "omega_selection", "omega_init_selected", "best_epoch"):
+        assert par[key] == seq[key], key
+    for w in ("0.6", "0.2", "0"):  # each candidate wrote its own run folder, the same classifier
+        a = torch.load(tmp_path / "par" / "omega_init" / w / "best.pt", weights_only=True)["head"]
+        b = torch.load(tmp_path / "seq" / "omega_init" / w / "best.pt", weights_only=True)["head"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_closed_form_gradient_trains_as_autograd_does(feats, tmp_path):

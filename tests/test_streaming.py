@@ -225,8 +225,7 @@ _CHILD = textwrap.dedent("""
     from glag.stage2 import Stage2Config, train_stage2
     from glag.sampling import FactorBank, sample_calibrated
     path, out, backend = sys.argv[1:4]
-    import faiss  # warm up what stage two imports lazily (faiss, torch._dynamo, the sampler)
-    torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    import faiss  # warm up what stage two imports lazily (faiss, the sampler)
     b = FactorBank.from_factors([torch.randn(8, 4), torch.randn(8, 4)])
     sample_calibrated(b, torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
                       torch.full((2,), 3), torch.zeros(2, dtype=torch.long), backend=backend)

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation top-1 kept (the paper gives 0.6 and 0.4) (default: %(default)s)")
     g.add_argument("--omega-grid", type=float, nargs="+", default=[0.6, 0.4, 0.2, 0.0], metavar="W",
                    help="candidates of --omega-init auto; ties go to the earlier one (default: 0.6 0.4 0.2 0.0)")
+    g.add_argument("--omega-workers", type=int, metavar="N",
+                   help="candidates of --omega-init auto trained at once, each in its own process "
+                        "(default: one per core when the head is small and all is in memory, else 1)")
     g.add_argument("--omega-step", type=float, default=0.05, help="(default: %(default)s)")
     g.add_argument("--omega-reference", default="best", choices=("best", "ema", "last"),
                    help="ω moves when val accuracy beats / falls below this reference (default: %(default)s)")
