@@ -433,29 +433,30 @@ def _candidate_init(numba_threads: int, log_level: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _candidate_run(cfg: Stage2Config, resume: bool) -> float:
-    return train_stage2(cfg, resume=resume)["stage2"]["val"]["top1"]
+def _candidate_run(job: tuple) -> tuple[float, float]:
+    cfg, resume = job
+    return cfg.omega_init, train_stage2(cfg, resume=resume)["stage2"]["val"]["top1"]
 
 
 def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> None:
     """Train the (config, resume) candidates in ``workers`` fresh processes (spawned: no state of
     this one is shared). Each run is deterministic and writes only its own folder, so the results
-    equal a sequential run's."""
+    equal a sequential run's. If this process is interrupted the workers are terminated at once;
+    every candidate resumes from its own ``last.pt``."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     log.info("ω_init auto: %d candidates in %d processes", len(todo), workers)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_candidate_init,
-                             initargs=(max(1, cores // workers), logging.getLogger().getEffectiveLevel())) as pool:
-        futures = {pool.submit(_candidate_run, dataclasses.replace(child, progress=False), child_resume):
-                   child.omega_init for child, child_resume in todo}
-        bar = tqdm(total=len(futures), desc="stage two, ω_init candidates", unit="run", disable=not progress)
-        for fut in as_completed(futures):
-            log.info("ω_init %g: val top-1 %.2f", futures[fut], fut.result())
+    jobs = [(dataclasses.replace(child, progress=False), child_resume) for child, child_resume in todo]
+    bar = tqdm(total=len(jobs), desc="stage two, ω_init candidates", unit="run", disable=not progress)
+    # leaving the block terminates the pool: on success nothing is left, on an error or ^C nothing lingers
+    with ctx.Pool(workers, initializer=_candidate_init,
+                  initargs=(max(1, cores // workers), logging.getLogger().getEffectiveLevel())) as pool:
+        for w, top1 in pool.imap_unordered(_candidate_run, jobs):
+            log.info("ω_init %g: val top-1 %.2f", w, top1)
             bar.update()
-        bar.close()
+    bar.close()
 
 
 def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:

@@ -3,6 +3,8 @@
 * an extraction killed mid-way resumes to a file identical to an uninterrupted one;
 * while an extraction runs, the final file name never holds a half-written file;
 * stage one killed mid-training resumes from last.pt and finishes with one summary row per epoch;
+* stage two interrupted while its ω_init candidates train in worker processes stops them all, and
+  --resume finishes with the uninterrupted result;
 * a checkpoint of another architecture, NaN features, a corrupt .partial, an existing output or
   run folder: each a clear error, and the files already there are unchanged.
 
@@ -13,6 +15,7 @@ Data: a fake Fashion-MNIST (gzip IDX files) written into tmp_path; models are re
 The helpers here are shared with test_distributed.py.
 """
 import gzip
+import json
 import hashlib
 import os
 import signal
@@ -233,6 +236,37 @@ def test_stage1_sigkill_resumes_and_finishes(tmp_path):
     rows = (out / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,")
     assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(1, epochs + 1)]  # one row per epoch
+
+
+def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path):
+    """^C during --omega-init auto with candidates in worker processes: the workers stop with the
+    tool (no process keeps writing), and --resume finishes with the uninterrupted result."""
+    from glag.synthetic import write_synthetic_features
+
+    feats = write_synthetic_features(tmp_path / "f.h5", [300, 200, 120, 60, 30, 12, 6, 3], 16,
+                                     val_per_class=20, test_per_class=40, seed=3)
+    args = ["--features", feats, "--epochs", "60", "--omega-grid", "0.6", "0.2", "--omega-workers", "2",
+            "--backend", "torch", "--no-plots", "--no-progress"]
+    run_tool("afg_train", *args, "--out", tmp_path / "full")
+    out = tmp_path / "run"
+    proc = tool("afg_train", *args, "--out", out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while proc.poll() is None and not list(out.glob("omega_init/*/last.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    assert proc.wait(timeout=60) != 0, "the run finished before it could be interrupted"
+    assert time.time() - sent < 15  # it did not wait for the candidates to finish
+    folders = sorted(out.glob("omega_init/*"))
+    assert folders and not all((f / "metrics.json").exists() for f in folders)
+    before = {f.name: folder_state(f) for f in folders}
+    time.sleep(2.0)
+    assert {f.name: folder_state(f) for f in folders} == before  # no worker left writing
+    run_tool("afg_train", *args, "--out", out, "--resume")
+    done, full = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "full"))
+    for key in ("stage2", "per_class", "omega_selection", "omega_init_selected"):
+        assert done[key] == full[key], key
 
 
 # --------------------------------------------------------------------------- clear errors, nothing lost
