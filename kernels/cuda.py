@@ -9,11 +9,17 @@ torch work as usual.
 Work per call (METHOD.md, low-rank sampling): one ``glag_init_out`` launch (``x = mu' + e``),
 then for each slot one ``glag_slot_gemm_*`` launch over the tiles of samples grouped by their
 support class in that slot; the grouping is a few torch ops on the device.
+
+Two GEMM kernels, chosen by ``GLAG_CUDA_GEMM``: ``simt`` (default: float32 FMA tiles,
+``calibrated_sampler.cu``) and ``tc`` (tensor cores, sm_80+, 3xTF32 for float32 accuracy,
+``calibrated_sampler_tc.cu``). Both draw the same normals; ``tc`` falls back to ``simt`` (logged
+once) on an older GPU. ``tc`` is not the default until it has been measured on a GPU.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +30,28 @@ from .reference import seed_key
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("calibrated_sampler.cu")
-TILE_ROWS = 64  # BM of the kernel: samples a thread block
+TC_SOURCE = Path(__file__).with_name("calibrated_sampler_tc.cu")
+TILE_ROWS = 64  # BM of the kernels: samples a thread block
 THREADS = 256  # the kernels assume exactly 256 threads a block
 KERNELS = ("glag_init_out", "glag_slot_gemm_bn256", "glag_slot_gemm_bn64", "glag_block_normals_kernel")
+GEMMS = ("simt", "tc")
 
-__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "SOURCE"]
+__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "gemm_choice", "block_columns", "SOURCE"]
+
+
+def gemm_choice() -> str:
+    """The GEMM kernel ``GLAG_CUDA_GEMM`` asks for: ``simt`` (default) or ``tc``."""
+    name = os.environ.get("GLAG_CUDA_GEMM", "simt").strip().lower() or "simt"
+    if name not in GEMMS:
+        raise ValueError(f"GLAG_CUDA_GEMM={name!r}: choose one of {', '.join(GEMMS)}")
+    return name
+
+
+def block_columns(d: int, gemm: str) -> int:
+    """Output columns a thread block (BN) of the GEMM kernel ``gemm`` for feature dimension d."""
+    if gemm == "tc":
+        return 128
+    return 256 if d >= 256 else 64
 
 
 def _cupy():
@@ -55,14 +78,28 @@ def is_available() -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(device_index: int) -> dict:
-    """Compile (or load from CuPy's cache) the module for one device: {name: RawKernel}."""
+def _kernels(device_index: int, tc: bool = False) -> dict:
+    """Compile (or load from CuPy's cache) the module for one device: {name: RawKernel}.
+
+    ``tc``: the module also holds ``glag_slot_gemm_tc`` (its source appended to the main one)."""
     cp = _cupy()
+    code, names = SOURCE.read_text(), KERNELS
+    if tc:
+        code, names = code + "\n" + TC_SOURCE.read_text(), KERNELS + ("glag_slot_gemm_tc",)
     with cp.cuda.Device(device_index):
-        module = cp.RawModule(code=SOURCE.read_text(), options=("--std=c++14",))
-        kernels = {name: module.get_function(name) for name in KERNELS}
-    log.info("compiled %s for cuda:%d", SOURCE.name, device_index)
+        module = cp.RawModule(code=code, options=("--std=c++14",))
+        kernels = {name: module.get_function(name) for name in names}
+    log.info("compiled %s%s for cuda:%d", SOURCE.name, f" + {TC_SOURCE.name}" if tc else "", device_index)
     return kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _tc_supported(device_index: int) -> bool:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 8:
+        log.warning("GLAG_CUDA_GEMM=tc needs compute capability 8.0 or newer (TF32 tensor cores); "
+                    "cuda:%d has %d.%d: using the simt kernel", device_index, major, minor)
+    return major >= 8
 
 
 def _cp(t: torch.Tensor):
@@ -143,7 +180,11 @@ def sample_cuda(
     k = support.shape[1]
     n_total = out.shape[0]
     k0, k1 = seed_key(seed)
-    kern = _kernels(device.index if device.index is not None else torch.cuda.current_device())
+    dev_index = device.index if device.index is not None else torch.cuda.current_device()
+    gemm_name = gemm_choice()
+    if gemm_name == "tc" and not _tc_supported(dev_index):
+        gemm_name = "simt"
+    kern = _kernels(dev_index, gemm_name == "tc")
     offsets_d = offsets.to(device=device, dtype=torch.int64).contiguous()
     ranks = offsets_d.diff()
     starts = torch.cumsum(counts, 0) - counts
@@ -158,8 +199,8 @@ def sample_cuda(
             (_cp(out), _cp(mu), _cp(seed_of), np.int64(n_total), np.int32(d),
              np.uint32(k0), np.uint32(k1), np.float32(sqrt_alpha), np.int32(mode == "diag")),
         )
-        gemm = kern["glag_slot_gemm_bn256"] if d >= 256 else kern["glag_slot_gemm_bn64"]
-        bn = 256 if d >= 256 else 64
+        bn = block_columns(d, gemm_name)
+        gemm = kern["glag_slot_gemm_tc" if gemm_name == "tc" else f"glag_slot_gemm_bn{bn}"]
         for slot in range(k):
             rows, tiles = _slot_tiles(support[:, slot].contiguous(), counts, starts, ranks, n_total)
             n_tiles = tiles.shape[0]

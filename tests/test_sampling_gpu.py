@@ -47,6 +47,35 @@ static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcp
 static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 struct alignas(16) float4 { float x, y, z, w; };
 #include "calibrated_sampler.cu"
+// WMMA, emulated: each thread holds whole tiles; lane 0 of a warp does the warp's multiply and store
+#define GLAG_WMMA_EMULATION
+static inline bool glag_emu_lane0() { return (threadIdx.x & 31u) == 0u; }
+struct glag_frag_ab { float x[128]; };  // A 16 x 8 or B 8 x 16, row-major
+struct glag_frag_c { float x[256]; };   // C 16 x 16, row-major
+static inline float glag_to_tf32(float v) {  // round to nearest, ties away, 10 mantissa bits
+    unsigned int u = __float_as_uint(v);
+    return __uint_as_float((u + 0x1000u) & 0xFFFFE000u);
+}
+static inline void glag_load_a(glag_frag_ab& f, const float* p, int ldm) {
+    for (int m = 0; m < 16; ++m) for (int k = 0; k < 8; ++k) f.x[m * 8 + k] = p[m * ldm + k];
+}
+static inline void glag_load_b(glag_frag_ab& f, const float* p, int ldm) {
+    for (int k = 0; k < 8; ++k) for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[k * ldm + n];
+}
+static inline void glag_mma(glag_frag_c& d, const glag_frag_ab& a, const glag_frag_ab& b) {
+    if (!glag_emu_lane0()) return;
+    for (int m = 0; m < 16; ++m)
+        for (int n = 0; n < 16; ++n) {
+            float acc = d.x[m * 16 + n];
+            for (int k = 0; k < 8; ++k) acc += a.x[m * 8 + k] * b.x[k * 16 + n];
+            d.x[m * 16 + n] = acc;
+        }
+}
+static inline void glag_store_c(float* p, const glag_frag_c& c, int ldm) {
+    if (!glag_emu_lane0()) return;
+    for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) p[m * ldm + n] = c.x[m * 16 + n];
+}
+#include "calibrated_sampler_tc.cu"
 template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F body) {
     gridDim = {gx, gy, 1};
     blockDim = {256, 1, 1};
@@ -73,9 +102,12 @@ extern "C" void emu_slot_gemm(int bn, const float* ft, const long long* offsets,
     if (bn == 256)
         emu_launch((unsigned int)n_tiles, gy, [&] {
             glag_slot_gemm_bn256(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
-    else
+    else if (bn == 64)
         emu_launch((unsigned int)n_tiles, gy, [&] {
             glag_slot_gemm_bn64(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
+    else  // the tensor-core kernel, BN = 128
+        emu_launch((unsigned int)n_tiles, gy, [&] {
+            glag_slot_gemm_tc(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
 }
 """
 
@@ -108,7 +140,7 @@ def emulator(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed):
+def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed, gemm="simt"):
     """The host side of kernels/cuda.py (same tiling helper), with the kernels run on the CPU."""
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     m, d = mu.shape
@@ -125,7 +157,7 @@ def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed):
                      ctypes.c_uint(k0), ctypes.c_uint(k1), ctypes.c_float(alpha**0.5), ctypes.c_int(mode == "diag"),
                      ctypes.c_uint(grid))
     starts = torch.cumsum(counts, 0) - counts
-    bn = 256 if d >= 256 else 64
+    bn = kcuda.block_columns(d, gemm)
     for slot in range(k):
         rows, tiles = kcuda._slot_tiles(support[:, slot].contiguous(), counts, starts, bank.ranks, n)
         rows, tiles = rows.numpy(), tiles.numpy()
@@ -137,13 +169,15 @@ def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed):
     return torch.from_numpy(x)
 
 
+@pytest.mark.parametrize("gemm", ["simt", "tc"])
 @pytest.mark.parametrize("d,mode,alpha", [(37, "all", 0.1), (300, "diag", 0.2)])
-def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, mode, alpha):
-    """BN = 64 (d = 37) and BN = 256 (d = 300, two column blocks); tiles of 64 rows, partial
-    tiles, r = 0 / r < 16 / r not a multiple of 16 / r = d, a seed row with no samples."""
+def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, mode, alpha, gemm):
+    """simt: BN = 64 (d = 37) and BN = 256 (d = 300, two column blocks); tc (3xTF32 WMMA, BN = 128,
+    three column blocks at d = 300); tiles of 64 rows, partial tiles, r = 0 / r < 16 / r not a
+    multiple of 16 or 32 / r = d, a seed row with no samples."""
     bank, mu, support, w, counts, labels = _problem(d, ns=(1, 5, 20, 37, 70, 400), m=6, k=3,
                                                     counts=[0, 3, 70, 1, 130, 9])
-    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5)
+    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5, gemm=gemm)
     xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, 2**33 + 5, backend="torch")
     assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
 
@@ -160,11 +194,24 @@ def test_cuda_normals_match_reference():
     np.testing.assert_allclose(got.cpu().numpy(), reference.block_normals(99, s, 2, b), rtol=0, atol=2e-6)
 
 
+def test_gemm_choice_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("GLAG_CUDA_GEMM", raising=False)
+    assert kcuda.gemm_choice() == "simt"
+    monkeypatch.setenv("GLAG_CUDA_GEMM", "TC")
+    assert kcuda.gemm_choice() == "tc"
+    monkeypatch.setenv("GLAG_CUDA_GEMM", "tensor")
+    with pytest.raises(ValueError, match="simt, tc"):
+        kcuda.gemm_choice()
+    assert [kcuda.block_columns(d, "simt") for d in (64, 256)] == [64, 256] and kcuda.block_columns(64, "tc") == 128
+
+
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("gemm", ["simt", "tc"])
 @pytest.mark.parametrize("d", [13, 64, 300, 2048])
 @pytest.mark.parametrize("k,mode,alpha", [(1, "all", 0.0), (2, "all", 0.1), (3, "diag", 0.2)])
-def test_cuda_matches_reference(d, k, mode, alpha):
+def test_cuda_matches_reference(d, k, mode, alpha, gemm, monkeypatch):
+    monkeypatch.setenv("GLAG_CUDA_GEMM", gemm)
     bank, mu, support, w, counts, labels = _problem(d, ns=(1, 6, 17, d, d + 40, 80), m=7, k=k,
                                                     counts=[0, 3, 70, 1, 130, 9, 64])
     dev = torch.device("cuda")

@@ -5,9 +5,11 @@
 #
 # 1. pip install -e . --no-deps (the machine's torch/CuPy stay; faiss is not needed here)
 # 2. the sampler tests, GPU ones included (tests/test_sampling_gpu.py, marked gpu), plus the CPU
-#    ones: cuda vs the float64 reference and vs numba, moments, CPU-input round trip
+#    ones: cuda vs the float64 reference (both GEMM kernels: simt and the 3xTF32 tensor-core tc)
+#    and vs numba, moments, CPU-input round trip
 # 3. compute-sanitizer memcheck on a small call, when the tool is there
-# 4. glag-bench --device cuda on cifar100-lt and imagenet-lt, d = 64 / 512 / 2048, k = 3
+# 4. glag-bench --device cuda on cifar100-lt and imagenet-lt, d = 64 / 512 / 2048, k = 3: glag-cuda
+#    (simt) and glag-cuda-tc against torch (float32 and TF32), with % of the FP32 peak
 # Everything is logged to $OUT/gpu_check.log (or ./gpu_check_out/ when OUT is unset), with the
 # benchmark's JSON and plot beside it. Exit status: non-zero if a step failed.
 set -uo pipefail
@@ -43,6 +45,7 @@ EOF
     if command -v compute-sanitizer >/dev/null 2>&1; then
         step "compute-sanitizer memcheck (small call, d = 300 and 37)"
         timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 python - <<'EOF' || status=1
+import os
 import torch
 from glag.sampling import FactorBank, class_factor, sample_calibrated
 g = torch.Generator().manual_seed(0)
@@ -54,9 +57,11 @@ for d in (300, 37):
     sup = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(m)]).cuda()
     w = torch.rand(m, k).cuda()
     counts = torch.tensor([0, 3, 70, 1, 130]).cuda()
-    x, y = sample_calibrated(bank, mu, sup, w, counts, torch.arange(m).cuda(), 0.1, "diag", 1, backend="cuda")
-    torch.cuda.synchronize()
-    print("d", d, "ok", tuple(x.shape), bool(torch.isfinite(x).all()))
+    for gemm in ("simt", "tc"):
+        os.environ["GLAG_CUDA_GEMM"] = gemm
+        x, y = sample_calibrated(bank, mu, sup, w, counts, torch.arange(m).cuda(), 0.1, "diag", 1, backend="cuda")
+        torch.cuda.synchronize()
+        print("d", d, gemm, "ok", tuple(x.shape), bool(torch.isfinite(x).all()))
 EOF
     fi
 
