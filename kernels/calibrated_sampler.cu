@@ -155,6 +155,42 @@ extern "C" __global__ void glag_init_out(float* __restrict__ x, const float* __r
     }
 }
 
+// A slot GEMM block's tile (tiles[blockIdx.x] = class j, begin, end over rows): the offset and rank
+// of F_j, the tile's length, and in shared memory each row's sample id and sqrt(w) (-1 and 0 past
+// the tile). Ends with __syncthreads(). Shared by glag_slot_gemm and glag_slot_gemm_tc.
+struct glag_tile {
+    long long off;
+    int r, tlen;
+};
+
+__device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict__ offsets,
+                                                     const long long* __restrict__ rows,
+                                                     const long long* __restrict__ tiles,
+                                                     const long long* __restrict__ seed_of,
+                                                     const float* __restrict__ weights, int k, int slot,
+                                                     int bm, long long* row_s, float* scale_s) {
+    const int tid = threadIdx.x;
+    const long long* tile = tiles + 3 * (long long)blockIdx.x;
+    const long long cls = tile[0];
+    const long long t0 = tile[1];
+    glag_tile t;
+    t.tlen = (int)(tile[2] - t0);
+    t.off = offsets[cls];
+    t.r = (int)(offsets[cls + 1] - t.off);
+    if (tid < bm) {
+        if (tid < t.tlen) {
+            const long long s = rows[t0 + tid];
+            row_s[tid] = s;
+            scale_s[tid] = sqrtf(weights[seed_of[s] * k + slot]);
+        } else {
+            row_s[tid] = -1;
+            scale_s[tid] = 0.0f;
+        }
+    }
+    __syncthreads();
+    return t;
+}
+
 // One slot: x[rows[t], :] += sqrt(w[seed_of[rows[t]], slot]) * F_j z for the tiles of this slot.
 //   ft:      (R, d) float32, the factors transposed: rows offsets[j]..offsets[j+1] hold F_j^T.
 //   offsets: (C+1,) int64.     rows: (n,) int64 sample ids grouped by class for this slot.
@@ -179,25 +215,10 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
 
     const int tid = threadIdx.x;
     const int tx = tid & 15, ty = tid >> 4;
-    const long long* tile = tiles + 3 * (long long)blockIdx.x;
-    const long long cls = tile[0];
-    const long long t0 = tile[1];
-    const int tlen = (int)(tile[2] - t0);
-    const long long off = offsets[cls];
-    const int r = (int)(offsets[cls + 1] - off);
+    const glag_tile tl = glag_tile_setup(offsets, rows, tiles, seed_of, weights, k, slot, BM, row_s, scale_s);
+    const long long off = tl.off;
+    const int r = tl.r, tlen = tl.tlen;
     const int n0 = blockIdx.y * BN;
-
-    if (tid < BM) {
-        if (tid < tlen) {
-            const long long s = rows[t0 + tid];
-            row_s[tid] = s;
-            scale_s[tid] = sqrtf(weights[seed_of[s] * k + slot]);
-        } else {
-            row_s[tid] = -1;
-            scale_s[tid] = 0.0f;
-        }
-    }
-    __syncthreads();
 
     const int g_row = tid >> 2, g_blk = tid & 3;
     const long long g_s = row_s[g_row];

@@ -113,25 +113,10 @@ extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_tc(
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;
-    const long long* tile = tiles + 3 * (long long)blockIdx.x;
-    const long long cls = tile[0];
-    const long long t0 = tile[1];
-    const int tlen = (int)(tile[2] - t0);
-    const long long off = offsets[cls];
-    const int r = (int)(offsets[cls + 1] - off);
+    const glag_tile tl = glag_tile_setup(offsets, rows, tiles, seed_of, weights, k, slot, GLAG_TC_BM, row_s, scale_s);
+    const long long off = tl.off;
+    const int r = tl.r, tlen = tl.tlen;
     const int n0 = blockIdx.y * GLAG_TC_BN;
-
-    if (tid < GLAG_TC_BM) {
-        if (tid < tlen) {
-            const long long s = rows[t0 + tid];
-            row_s[tid] = s;
-            scale_s[tid] = sqrtf(weights[seed_of[s] * k + slot]);
-        } else {
-            row_s[tid] = -1;
-            scale_s[tid] = 0.0f;
-        }
-    }
-    __syncthreads();
 
     const int g_row = tid >> 2, g_blk = tid & 3;
     const long long g_s = row_s[g_row];
