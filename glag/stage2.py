@@ -456,6 +456,8 @@ def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> No
         for w, top1 in pool.imap_unordered(_candidate_run, jobs):
             log.info("ω_init %g: val top-1 %.2f", w, top1)
             bar.update()
+        pool.close()  # all done: let the workers exit on their own (terminate() is for errors)
+        pool.join()
     bar.close()
 
 
