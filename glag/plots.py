@@ -68,3 +68,26 @@ def plot_omega(history, tail_classes, class_counts, path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_omega_selection(metrics: dict, path) -> Path:
+    """Validation top-1 and Many / Medium / Few of each ω_init candidate (``--omega-init auto``),
+    the chosen one marked: how the initial ω was picked, on the validation split only."""
+    plt = _pyplot()
+    sel = metrics["omega_selection"]
+    names = list(sel)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (key, style) in enumerate((("top1", "o-"), ("many", "^--"), ("medium", "s--"), ("few", "v--"))):
+        ax.plot(x, [sel[n].get(key, np.nan) for n in names], style, label=key, lw=2 if key == "top1" else 1)
+    chosen = names.index(f"{metrics['omega_init_selected']:g}")
+    ax.axvline(chosen, color="grey", lw=6, alpha=0.25, label="chosen (best val top-1)")
+    ax.set_xticks(x, [f"ω_init {n}" for n in names])
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("stage two, one run per initial ω: chosen on validation")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -282,7 +282,8 @@ def test_command_line_run_and_its_replay_from_config_json(feats, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "ω_init chosen on val" in printed and "glag, test" in printed
     for name in ("config.json", "env.json", "metrics.json", "best.pt", "omega.json", "summary.csv",
-                 "per_class_test.png", "omega.png", "omega_init/0.6/metrics.json", "omega_init/0/metrics.json"):
+                 "per_class_test.png", "omega.png", "omega_init.png", "omega_init/0.6/metrics.json",
+                 "omega_init/0/metrics.json"):
         assert (out / name).is_file(), name
     assert (out / "per_class_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = json.loads((out / "metrics.json").read_text())

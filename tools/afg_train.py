@@ -10,7 +10,8 @@ classifier with CE + τ(t)·KD (KD from the stage-one logits on head-class sampl
 class moves with its validation accuracy; its initial value is chosen on validation from a small
 grid (--omega-init auto, one run per value under <out>/omega_init/). With --max-memory, features that do not fit are
 streamed from the file (e.g. iNaturalist at d = 2048: --max-memory 4G). Writes into --out: config.json, env.json,
-summary.csv, omega.json, best.pt, last.pt, metrics.json, per_class_test.png, omega.png.
+summary.csv, omega.json, best.pt, last.pt, metrics.json, per_class_test.png, omega.png, and with
+--omega-init auto omega_init.png and one run folder per candidate in omega_init/.
 """
 from __future__ import annotations
 
@@ -131,10 +132,12 @@ def main(argv=None) -> int:
     if args.plots:
         from pathlib import Path
 
-        from glag.plots import plot_omega, plot_per_class
+        from glag.plots import plot_omega, plot_omega_selection, plot_per_class
 
         out = Path(cfg.out)
         plot_per_class(metrics, out / "per_class_test.png")
+        if "omega_selection" in metrics:
+            plot_omega_selection(metrics, out / "omega_init.png")
         if (out / "omega.json").exists():
             om = json.loads((out / "omega.json").read_text())
             plot_omega(om["history"], om["tail_classes"], metrics["class_counts"], out / "omega.png")
