@@ -73,7 +73,7 @@ class Stage2Config:
     weights: str | None = None
     omega_init: float | str | None = "auto"  # "auto": chosen on val from omega_grid; None: DC's k/(k+1)
     omega_grid: tuple[float, ...] = (0.6, 0.4, 0.2, 0.0)  # "auto" candidates; ties go to the earlier one
-    omega_workers: int | None = None  # "auto": candidates run at once; None: one per free core for small heads
+    omega_workers: int | None = None  # ω_init candidates trained at once; None: one per core (small, in-memory head)
     omega_step: float = 0.05
     omega_reference: str = "best"
     omega_margin: float = 0.0
@@ -414,6 +414,11 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     return metrics
 
 
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _candidate_workers(cfg: Stage2Config) -> int:
     """How many ω_init candidates to train at once: one per core when each run is single-threaded
     (a small head, see :func:`train_stage2`) and in memory; otherwise one after another."""
@@ -421,7 +426,7 @@ def _candidate_workers(cfg: Stage2Config) -> int:
         return 1  # the memory budget is per process
     with open_features(cfg.features) as ff:
         small = ff.feature_dim * ff.num_classes <= 2 ** 20
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     per_run = cfg.threads or (1 if small else cores)
     return max(1, cores // per_run)
 
@@ -445,7 +450,7 @@ def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> No
     every candidate resumes from its own ``last.pt``."""
     import multiprocessing
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     log.info("ω_init auto: %d candidates in %d processes", len(todo), workers)
     ctx = multiprocessing.get_context("spawn")
     jobs = [(dataclasses.replace(child, progress=False), child_resume) for child, child_resume in todo]
