@@ -1,4 +1,5 @@
 """Stage two end to end on small synthetic feature files: methods, outputs, resume, bad input."""
+import dataclasses
 import json
 import logging
 
@@ -102,6 +103,16 @@ def test_omega_init_candidates_in_processes_equal_one_after_another(feats, tmp_p
         a = torch.load(tmp_path / "par" / "omega_init" / w / "best.pt", weights_only=True)["head"]
         b = torch.load(tmp_path / "seq" / "omega_init" / w / "best.pt", weights_only=True)["head"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_candidate_processes_follow_the_cores_and_the_memory_budget(feats, monkeypatch):
+    import glag.stage2 as s2
+
+    monkeypatch.setattr(s2, "_cores", lambda: 8)
+    small = Stage2Config(features=str(feats)).resolved()  # d·C = 16·8: one thread a run
+    assert s2._candidate_workers(small) == 8
+    assert s2._candidate_workers(dataclasses.replace(small, threads=4)) == 2
+    assert s2._candidate_workers(dataclasses.replace(small, max_memory=2**30)) == 1  # a budget is per process
 
 
 def test_closed_form_gradient_trains_as_autograd_does(feats, tmp_path):
