@@ -351,9 +351,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict:
     cfg = cfg.resolved()
     if cfg.omega_init == "auto":
         return select_omega_init(cfg, resume)
-    with open_features(cfg.features) as ff:
-        small = ff.feature_dim * ff.num_classes <= 2 ** 20
-    with torch_threads(cfg.threads or (1 if small else None)):
+    with torch_threads(cfg.threads or (1 if _small_head(cfg) else None)):
         return _train_stage2(cfg, resume)
 
 
@@ -414,6 +412,12 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     return metrics
 
 
+def _small_head(cfg: Stage2Config) -> bool:
+    """A head of at most 2^20 weights (d·C): it trains single-threaded (see :func:`train_stage2`)."""
+    with open_features(cfg.features) as ff:
+        return ff.feature_dim * ff.num_classes <= 2 ** 20
+
+
 def _cores() -> int:
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -424,10 +428,8 @@ def _candidate_workers(cfg: Stage2Config) -> int:
     (a small head, see :func:`train_stage2`) and in memory; otherwise one after another."""
     if cfg.max_memory is not None:
         return 1  # the memory budget is per process
-    with open_features(cfg.features) as ff:
-        small = ff.feature_dim * ff.num_classes <= 2 ** 20
     cores = _cores()
-    per_run = cfg.threads or (1 if small else cores)
+    per_run = cfg.threads or (1 if _small_head(cfg) else cores)
     return max(1, cores // per_run)
 
 

@@ -177,25 +177,28 @@ def test_resume_continues_to_the_same_result(feats, tmp_path):
     assert len(rows) == 1 + 4
 
 
-def _run_epochs(c, n):
-    """Run ``n`` epochs of a run configured for more, by stopping it after epoch ``n``."""
+def _run_epochs(c, n, builder=None, method="build"):
+    """Run ``n`` epochs of a run configured for more, by stopping it after epoch ``n``: the
+    builder's per-epoch ``method`` (``EpochBuilder.build``, or the streaming builder's
+    ``plan_epoch``) raises KeyboardInterrupt when asked for epoch ``n``."""
     import glag.stage2 as s2
 
+    builder = builder or s2.EpochBuilder
     calls = {"n": 0}
-    real = s2.EpochBuilder.build
+    real = getattr(builder, method)
 
-    def build(self, epoch, omega):
+    def interrupted(self, epoch, omega):
         if epoch >= n:
             raise KeyboardInterrupt
         calls["n"] += 1
         return real(self, epoch, omega)
 
-    s2.EpochBuilder.build = build
+    setattr(builder, method, interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
             train_stage2(c)
     finally:
-        s2.EpochBuilder.build = real
+        setattr(builder, method, real)
     assert calls["n"] == n
 
 

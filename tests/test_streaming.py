@@ -17,6 +17,7 @@ from glag.streaming import (H5Rows, StreamingData, StreamingEpochBuilder, choose
                             plan_streaming)
 from glag.features import FeatureFileError, open_features
 from glag.synthetic import write_synthetic_features
+from test_stage2 import _run_epochs  # the shared interrupt-after-n-epochs helper
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -183,19 +184,7 @@ def test_streaming_resume_continues_to_the_same_result(feats, tmp_path):
     part = cfg(feats, tmp_path / "part", **kw)
     import glag.streaming as st
 
-    real = st.StreamingEpochBuilder.plan_epoch
-
-    def plan_epoch(self, epoch, omega):
-        if epoch >= 2:
-            raise KeyboardInterrupt
-        return real(self, epoch, omega)
-
-    st.StreamingEpochBuilder.plan_epoch = plan_epoch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_stage2(part)
-    finally:
-        st.StreamingEpochBuilder.plan_epoch = real
+    _run_epochs(part, 2, st.StreamingEpochBuilder, "plan_epoch")
     resumed = train_stage2(part, resume=True)
     assert resumed["stage2"] == full["stage2"] and resumed["data_path"] == "streaming"
     assert len((tmp_path / "part" / "summary.csv").read_text().strip().splitlines()) == 1 + 4
