@@ -340,9 +340,10 @@ def sample_calibrated(
         return t.detach().to(device=run_dev, dtype=dtype).contiguous()
 
     mu_r, sup_r, w_r, cnt_r = on(mu, torch.float32), on(support, torch.int64), on(weights, torch.float32), on(counts, torch.int64)
-    x = torch.empty((n_total, d), dtype=torch.float32, device=run_dev)
     if name == "numba":
         from .kernels import cpu
+
+        x = torch.from_numpy(cpu.empty_output(n_total, d))  # pages mapped up front, not faulted in
 
         bank4, offsets4 = bank.transposed_padded(run_dev, 4)
         cpu.sample_numba(
@@ -351,6 +352,8 @@ def sample_calibrated(
         )
     else:
         from .kernels import cuda as cuda_backend
+
+        x = torch.empty((n_total, d), dtype=torch.float32, device=run_dev)
 
         cuda_backend.sample_cuda(bank.transposed(run_dev), bank.offsets, mu_r, sup_r, w_r, cnt_r, x, **args)
     return x.to(device), y

@@ -147,6 +147,24 @@ def test_numba_matches_reference(k, mode, alpha):
     assert rel <= 1e-5, rel
 
 
+@pytest.mark.parametrize("mode,alpha", [("all", 0.3), ("diag", 0.2), ("diag", 0.0)])
+def test_numba_rows_the_first_slot_does_not_write(mode, alpha):
+    """mu' + e_s is written by the first slot's tasks; rows whose first support has rank 0
+    (n_c = 1), and every row when k = 0, are written apart. Both must match the reference."""
+    bank, mu, support, w, counts, labels, _ = _problem(d=9, ns=(1, 6, 13, 40), m=6, k=2, counts=[5, 3, 0, 7, 2, 4])
+    support[:, 0] = torch.tensor([0, 2, 0, 0, 3, 0])  # class 0 has rank 0: rows of seeds 0, 3, 5 uncovered
+    support[:, 1] = torch.tensor([1, 3, 1, 2, 1, 3])
+    assert bank.ranks[0] == 0
+    for sup, ww in ((support, w), (support[:, :0], w[:, :0])):
+        xr, _ = sample_calibrated(bank, mu, sup, ww, counts, labels, alpha, mode, 21, backend="torch")
+        xn, _ = sample_calibrated(bank, mu, sup, ww, counts, labels, alpha, mode, 21, backend="numba")
+        rel = (xn - xr).abs().max() / xr.abs().max()
+        assert rel <= 1e-5, (sup.shape, rel)
+    # k = 0 is the mean plus the dispersion alone
+    x0, _ = sample_calibrated(bank, mu, support[:, :0], w[:, :0], counts, labels, 0.0, mode, 21, backend="numba")
+    assert torch.equal(x0, torch.repeat_interleave(mu, counts, 0))
+
+
 def test_numba_matches_reference_larger_d_and_tiles():
     """d = 70, class sizes around d, several GEMM tiles per group (tile = 256 rows)."""
     bank, mu, support, w, counts, labels, _ = _problem(d=70, ns=(50, 70, 71, 200), m=6, k=2,
@@ -172,6 +190,28 @@ def test_layout_labels_and_determinism():
     # the samples of a row depend on their global index, not on the rest of the call
     x4, _ = sample_calibrated(bank, mu[:1], support[:1], w[:1], counts[:1], labels[:1], 0.1, "all", seed=11)
     assert torch.equal(x4, x[:3])
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux")
+def test_numba_output_pages_are_mapped_before_the_kernel_writes():
+    """The numba path's fresh output is mapped in one madvise call, not faulted in row by row."""
+    import platform
+
+    from glag.kernels import cpu
+
+    if tuple(int(v) for v in platform.release().split(".")[:2]) < (5, 14):
+        pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14+ (older kernels fault the pages in, as before)")
+    before = _resident_bytes()
+    out = cpu.empty_output(16384, 1024)  # 64 MiB, not written yet
+    assert out.shape == (16384, 1024) and out.dtype == np.float32 and out.flags.c_contiguous
+    assert _resident_bytes() - before >= 0.9 * out.nbytes
+    small = cpu.empty_output(3, 5)  # below 4 MiB: a plain array
+    assert small.shape == (3, 5) and small.dtype == np.float32
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
