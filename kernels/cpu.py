@@ -241,6 +241,18 @@ def _task_z(z_pool, rows, a, b, r4, seed_of, w_col, stream, k0, k1):
     return z
 
 
+@njit(cache=True, error_model="numpy")
+def _task_tiles(task, rows, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, d):
+    """One task's operands in this thread's scratch: its Z tile (normals drawn, :func:`_task_z`),
+    ``F_j^T`` (r4 x d), the Y tile to fill (b - a, d) and the e_s row buffer."""
+    j, a, b = task[0], task[1], task[2]
+    o0, o1 = offsets4[j], offsets4[j + 1]
+    z_pool, y_pool, e_pool = pools
+    tid = numba.get_thread_id()
+    z = _task_z(z_pool, rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
+    return z, bank4[o0:o1], y_pool[tid, : (b - a) * d].reshape(b - a, d), e_pool[tid]
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _slot_tasks_blas(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, first, mu, sqrt_alpha, diag):
     """One slot: for each task (class j, rows[a:b]), ``x[rows] += Z F_j^T`` (METHOD.md).
@@ -254,16 +266,10 @@ def _slot_tasks_blas(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0
     pools: (z, y, e) per-thread float32 scratch, (threads, tile r4_max), (threads, tile d),
     (threads, d4).
     """
-    z_pool, y_pool, e_pool = pools
-    d = x.shape[1]
     for t in prange(tasks.shape[0]):
-        j, a, b = tasks[t, 0], tasks[t, 1], tasks[t, 2]
-        o0, o1 = offsets4[j], offsets4[j + 1]
-        z = _task_z(z_pool, rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
-        tid = numba.get_thread_id()
-        y = y_pool[tid, : (b - a) * d].reshape(b - a, d)
-        np.dot(z, bank4[o0:o1], y)
-        _add_rows(x, rows, a, y, first, mu, seed_of, e_pool[tid], k0, k1, sqrt_alpha, diag)
+        z, f_t, y, e = _task_tiles(tasks[t], rows, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, x.shape[1])
+        np.dot(z, f_t, y)
+        _add_rows(x, rows, tasks[t, 1], y, first, mu, seed_of, e, k0, k1, sqrt_alpha, diag)
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")
@@ -284,16 +290,10 @@ def _gemm_loops(z, f_t, y):
 @njit(parallel=True, cache=True, error_model="numpy")
 def _slot_tasks_loops(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, first, mu, sqrt_alpha, diag):
     """:func:`_slot_tasks_blas` with the product in plain loops (no scipy BLAS here)."""
-    z_pool, y_pool, e_pool = pools
-    d = x.shape[1]
     for t in prange(tasks.shape[0]):
-        j, a, b = tasks[t, 0], tasks[t, 1], tasks[t, 2]
-        o0, o1 = offsets4[j], offsets4[j + 1]
-        z = _task_z(z_pool, rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
-        tid = numba.get_thread_id()
-        y = y_pool[tid, : (b - a) * d].reshape(b - a, d)
-        _gemm_loops(z, bank4[o0:o1], y)
-        _add_rows(x, rows, a, y, first, mu, seed_of, e_pool[tid], k0, k1, sqrt_alpha, diag)
+        z, f_t, y, e = _task_tiles(tasks[t], rows, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, x.shape[1])
+        _gemm_loops(z, f_t, y)
+        _add_rows(x, rows, tasks[t, 1], y, first, mu, seed_of, e, k0, k1, sqrt_alpha, diag)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
