@@ -63,7 +63,8 @@ _W1 = _U32(0xBB67AE85)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["philox_words", "block_normals_f32", "box_muller_words", "sample_numba", "tile_rows", "gemm_tiles"]
+__all__ = ["philox_words", "block_normals_f32", "box_muller_words", "sample_numba", "empty_output", "tile_rows",
+           "gemm_tiles"]
 
 
 # ---------------------------------------------------------------- bit casts (vectorisable)
@@ -439,7 +440,7 @@ class _single_threaded_blas:
 
 
 # ---------------------------------------------------------------- the driver
-def tile_rows(d: int, r_max: int) -> int:
+def tile_rows(d: int) -> int:
     """Samples per task: enough rows for an efficient single-threaded sgemm.
 
     Measured here (2-core AMD EPYC, OpenBLAS), d = 512 with r_j up to 512: 128-row tiles ran
@@ -552,7 +553,7 @@ def sample_numba(
     ranks4 = np.diff(offsets4)
     r_used = ranks4[np.unique(support)] if support.size else ranks4[:0]
     r4_max = int(r_used.max()) if r_used.size else 0
-    tm = tile or tile_rows(d, r4_max)
+    tm = tile or tile_rows(d)
     kernel = _slot_tasks_blas if _blas()["have_dot"] else _slot_tasks_loops
 
     sqrt_alpha = _F32(math.sqrt(alpha)) if alpha > 0 else _F32(0.0)
@@ -604,7 +605,7 @@ def gemm_tiles(bank4, offsets4, support, counts, tile=None):
     np.cumsum(counts[:-1], out=starts[1:])
     ranks4 = np.diff(offsets4)
     r4_max = int(ranks4[np.unique(support)].max())
-    tm = tile or tile_rows(bank4.shape[1], r4_max)
+    tm = tile or tile_rows(bank4.shape[1])
     all_tasks = [_slot_tasks(np.ascontiguousarray(support[:, s]), counts, starts, ranks4, tm)[1]
                  for s in range(support.shape[1])]
     z_pool, y_pool, _ = _pools(tm, r4_max, bank4.shape[1])

@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--quick", action="store_true",
-                   help="small run: cifar100-lt and imagenet-lt, d = 64/512/2048, k = 3, 40 GFLOP a config, 2 repeats")
+                   help="small run: cifar100-lt and imagenet-lt, d = 64/512/2048, k = 3, 40 GFLOP a config, 3 repeats")
     g.add_argument("--profiles", nargs="+", choices=PROFILES, default=None,
                    help="class-count profiles (default: all three)")
     g.add_argument("--dims", nargs="+", type=int, default=None, help="feature dimensions d (default: 64 512 2048)")
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--work", type=float, default=None,
                    help="useful GFLOP a config; the seed rows are subsampled to it, or the whole epoch "
                         "when smaller (default 200; quick 40)")
-    g.add_argument("--repeats", type=int, default=None, help="timed runs a method, the best kept (default 3; quick 2)")
+    g.add_argument("--repeats", type=int, default=None, help="timed runs a method, the best kept (default 3)")
     g.add_argument("--min-seconds", type=float, default=0.3,
                    help="a fast method is called again until a timed run lasts this long (default 0.3)")
     g.add_argument("--dc-seeds", type=int, default=20,
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
     args.dims = args.dims or [64, 512, 2048]
     args.ks = args.ks or ([3] if quick else [2, 3])
     work = (args.work or (40.0 if quick else 200.0)) * 1e9
-    args.repeats = args.repeats or (2 if quick else 3)
+    args.repeats = args.repeats or 3
     args.dc_seconds = args.dc_seconds if args.dc_seconds is not None else (3.0 if quick else 8.0)
 
     avail = sampling.available_backends()
