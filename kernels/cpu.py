@@ -161,6 +161,22 @@ def _box_muller(u, ub, scale):
     return radius * (-cos_v if neg else cos_v), radius * (-sin_v if neg else sin_v)
 
 
+@njit(inline="always", fastmath=True, cache=True, error_model="numpy")
+def _put_block(out, q, s, stream, block, k0, k1, scale):
+    """``out[4q:4q+4] = scale *`` the four normals of Philox block ``(s, stream, block, 0)``.
+
+    Words (u0, u1) -> normals 0, 1 and (u2, u3) -> 2, 3 (:func:`_box_muller`). Inlined into
+    the loops below in numba's IR, where LLVM vectorises it 8 blocks per AVX2 iteration.
+    """
+    c0, c1, c2, c3 = _philox(s, stream, block, _U32(0), k0, k1)
+    for half in range(2):
+        u = c0 if half == 0 else c2  # radius word
+        ub = c1 if half == 0 else c3  # angle word
+        n0, n1 = _box_muller(u, ub, scale)
+        out[4 * q + 2 * half] = n0
+        out[4 * q + 2 * half + 1] = n1
+
+
 @njit(fastmath=True, cache=True, error_model="numpy")
 def _gen_row(out, s, stream, k0, k1, scale, first_block=0):
     """``out[j] = scale * z_{4 first_block + j}``, normals of sample ``s`` in ``stream``; len(out) % 4 == 0.
@@ -173,13 +189,20 @@ def _gen_row(out, s, stream, k0, k1, scale, first_block=0):
     s = _U32(s)
     stream = _U32(stream)
     for b in range(out.shape[0] // 4):
-        c0, c1, c2, c3 = _philox(s, stream, _U32(first_block + b), _U32(0), _U32(k0), _U32(k1))
-        for half in range(2):
-            u = c0 if half == 0 else c2  # radius word
-            ub = c1 if half == 0 else c3  # angle word
-            n0, n1 = _box_muller(u, ub, scale)
-            out[4 * b + 2 * half] = n0
-            out[4 * b + 2 * half + 1] = n1
+        _put_block(out, b, s, stream, _U32(first_block + b), _U32(k0), _U32(k1), scale)
+
+
+@njit(fastmath=True, cache=True, error_model="numpy")
+def _gen_blocks(out, smp, blk, scl, stream, k0, k1):
+    """``out[4q:4q+4] = scl[q] *`` the normals of block ``(smp[q], stream, blk[q], 0)``, all q.
+
+    A whole tile's normals as one flat loop over its blocks: rows of any length then vectorise
+    together. Row by row (:func:`_gen_row`), each short row's last few blocks run in scalar code:
+    measured here at d = 512, 3.5 ns a normal against 2.1-2.8 flat.
+    smp, blk: (n,) uint32; scl: (n,) float32; out: (4 n,) float32.
+    """
+    for q in range(smp.shape[0]):
+        _put_block(out, q, smp[q], stream, blk[q], k0, k1, scl[q])
 
 
 # ---------------------------------------------------------------- parallel kernels
@@ -230,16 +253,27 @@ def _add_rows(x, rows, a, y, first, mu, seed_of, e, k0, k1, sqrt_alpha, diag):
 
 
 @njit(cache=True, error_model="numpy")
-def _task_z(z_pool, rows, a, b, r4, seed_of, w_col, stream, k0, k1):
+def _task_z(pools, rows, a, b, r4, seed_of, w_col, stream, k0, k1):
     """This thread's Z tile, (b - a, r4): ``z[i, j] = sqrt(w) normal(rows[a + i], stream, j)``.
 
-    r4 = r_j rounded up to whole Philox blocks; the padded bank has zero rows there.
+    r4 = r_j rounded up to whole Philox blocks; the padded bank has zero rows there. The
+    tile's blocks are listed (sample, block, scale) first, then drawn in one flat loop
+    (:func:`_gen_blocks`).
     """
-    z = z_pool[numba.get_thread_id(), : (b - a) * r4].reshape(b - a, r4)
+    tid = numba.get_thread_id()
+    nb = r4 // 4
+    n = (b - a) * nb
+    smp, blk, scl = pools[3][tid, 0, :n], pools[3][tid, 1, :n], pools[4][tid, :n]
     for i in range(b - a):
         s = rows[a + i]
-        _gen_row(z[i], s, stream, k0, k1, _F32(np.sqrt(w_col[seed_of[s]])))
-    return z
+        sc = _F32(np.sqrt(w_col[seed_of[s]]))
+        for q in range(nb):
+            smp[i * nb + q] = _U32(s)
+            blk[i * nb + q] = _U32(q)
+            scl[i * nb + q] = sc
+    z = pools[0][tid, : (b - a) * r4]
+    _gen_blocks(z, smp, blk, scl, _U32(stream), _U32(k0), _U32(k1))
+    return z.reshape(b - a, r4)
 
 
 @njit(cache=True, error_model="numpy")
@@ -248,10 +282,9 @@ def _task_tiles(task, rows, bank4, offsets4, seed_of, w_col, stream, k0, k1, poo
     ``F_j^T`` (r4 x d), the Y tile to fill (b - a, d) and the e_s row buffer."""
     j, a, b = task[0], task[1], task[2]
     o0, o1 = offsets4[j], offsets4[j + 1]
-    z_pool, y_pool, e_pool = pools
     tid = numba.get_thread_id()
-    z = _task_z(z_pool, rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
-    return z, bank4[o0:o1], y_pool[tid, : (b - a) * d].reshape(b - a, d), e_pool[tid]
+    z = _task_z(pools, rows, a, b, o1 - o0, seed_of, w_col, stream, k0, k1)
+    return z, bank4[o0:o1], pools[1][tid, : (b - a) * d].reshape(b - a, d), pools[2][tid]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -264,8 +297,7 @@ def _slot_tasks_blas(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0
     in its own cache (on the first slot, writing ``mu' + e_s`` there too: :func:`_add_rows`).
     Within a slot every sample is in one task: no two threads share a row.
     bank4/offsets4: the factors transposed, each block padded with zero rows to r4 (% 4 == 0).
-    pools: (z, y, e) per-thread float32 scratch, (threads, tile r4_max), (threads, tile d),
-    (threads, d4).
+    pools: per-thread scratch (:func:`_pools`): Z and Y tiles, e_s rows, Z's block list.
     """
     for t in prange(tasks.shape[0]):
         z, f_t, y, e = _task_tiles(tasks[t], rows, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, x.shape[1])
@@ -506,11 +538,14 @@ def _slot_tasks(cls, counts, starts, ranks, tm):
 
 
 def _pools(tm, r4_max, d):
-    """Per-thread scratch (indexed by ``numba.get_thread_id()``): Z tiles, Y tiles, e_s rows."""
+    """Per-thread scratch (indexed by ``numba.get_thread_id()``): Z tiles (float32), Y tiles
+    (float32), e_s rows (float32), the Z tile's block list: (sample, block) uint32 and scale
+    float32 (:func:`_task_z`)."""
     n = numba.config.NUMBA_NUM_THREADS  # every id a thread can have
     d4 = 4 * ((d + 3) // 4)
-    return (np.empty((n, tm * max(r4_max, 1)), np.float32), np.empty((n, tm * d), np.float32),
-            np.empty((n, d4), np.float32))
+    z_len = tm * max(r4_max, 1)
+    return (np.empty((n, z_len), np.float32), np.empty((n, tm * d), np.float32), np.empty((n, d4), np.float32),
+            np.empty((n, 2, z_len // 4 + 1), np.uint32), np.empty((n, z_len // 4 + 1), np.float32))
 
 
 def sample_numba(
@@ -608,7 +643,7 @@ def gemm_tiles(bank4, offsets4, support, counts, tile=None):
     tm = tile or tile_rows(bank4.shape[1])
     all_tasks = [_slot_tasks(np.ascontiguousarray(support[:, s]), counts, starts, ranks4, tm)[1]
                  for s in range(support.shape[1])]
-    z_pool, y_pool, _ = _pools(tm, r4_max, bank4.shape[1])
+    z_pool, y_pool = _pools(tm, r4_max, bank4.shape[1])[:2]
     z_pool[:] = np.random.default_rng(0).standard_normal(z_pool.shape)
 
     def run():
