@@ -9,9 +9,9 @@ slot's samples are grouped by class and cut into tasks of ``tile_rows`` samples,
 threads over the tasks (``prange``, dynamic chunks). A thread, on its own tile, in its own cache:
 
 1. draws ``Z`` (T x r4_j, r_j rounded up to whole Philox blocks) straight from Philox4x32-10
-   + Box–Muller, each row scaled by ``sqrt(w)`` (``_gen_row``: float32, integer range
-   reduction and polynomials only, so LLVM vectorises it 8 lanes wide: ~1-2 ns a normal and
-   core, against 5-10 ns for ``torch.randn``);
+   + Box–Muller, each row scaled by ``sqrt(w)``, in one flat loop over the tile's blocks
+   (``_gen_blocks``: float32, integer range reduction and polynomials only, so LLVM vectorises
+   it 8 blocks wide: ~2 ns a normal and core, against 5-10 ns for ``torch.randn``);
 2. multiplies ``Z @ F_j^T`` with one single-threaded BLAS sgemm (numba's ``np.dot``, scipy's
    BLAS pinned to one thread while we run) into its own buffer: the inner product at GEMM
    speed. The bank is stored transposed with each block padded by zero rows to r4_j, so the
