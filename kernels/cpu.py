@@ -495,13 +495,23 @@ def empty_output(n: int, d: int) -> np.ndarray:
     Where the call is missing (older kernels, other systems) the pages fault in as before.
     """
     out = np.empty((n, d), dtype=np.float32)
-    if sys.platform.startswith("linux") and out.nbytes >= 1 << 22:
-        libc = _libc()
-        if libc is not None:
-            start = out.ctypes.data & ~4095
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(out.ctypes.data + out.nbytes - start),
-                         _MADV_POPULATE_WRITE)  # an error (EINVAL on old kernels) changes nothing
+    if out.nbytes >= 1 << 22:
+        _populate(out)
     return out
+
+
+def _populate(a: np.ndarray) -> bool:
+    """Map every page of ``a`` now (``madvise(MADV_POPULATE_WRITE)``); False where refused.
+
+    A refusal (EINVAL before Linux 5.14, other systems) changes nothing: the pages fault in
+    when first written, as they would have anyway.
+    """
+    libc = _libc() if sys.platform.startswith("linux") else None
+    if libc is None or a.nbytes == 0:
+        return False
+    start = a.ctypes.data & ~4095
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(a.ctypes.data + a.nbytes - start),
+                        _MADV_POPULATE_WRITE) == 0
 
 
 _LIBC: dict = {}
