@@ -87,7 +87,7 @@ def _kernels(device_index: int, tc: bool = False) -> dict:
     if tc:
         code, names = code + "\n" + TC_SOURCE.read_text(), KERNELS + ("glag_slot_gemm_tc",)
     with cp.cuda.Device(device_index):
-        module = cp.RawModule(code=code, options=("--std=c++14",))
+        module = cp.RawModule(code=code, options=("--std=c++17",))
         kernels = {name: module.get_function(name) for name in names}
     log.info("compiled %s%s for cuda:%d", SOURCE.name, f" + {TC_SOURCE.name}" if tc else "", device_index)
     return kernels
