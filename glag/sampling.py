@@ -251,7 +251,8 @@ def resolve_backend(name: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------- the sampler
-def _validate(bank, mu, support, weights, counts, labels, alpha, mode, seed):
+def _validate(bank, mu, support, weights, counts, labels, alpha, mode, seed) -> int:
+    """Check the arguments of :func:`sample_calibrated` (clear errors); returns N = counts.sum()."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not (alpha >= 0 and math.isfinite(alpha)):
@@ -269,14 +270,24 @@ def _validate(bank, mu, support, weights, counts, labels, alpha, mode, seed):
         raise ValueError(f"weights {tuple(weights.shape)} must match support {tuple(support.shape)}")
     if tuple(counts.shape) != (m,) or tuple(labels.shape) != (m,):
         raise ValueError(f"counts and labels must be (m={m},), got {tuple(counts.shape)}, {tuple(labels.shape)}")
-    if m and support.numel():
-        lo, hi = int(support.min()), int(support.max())
+    if not m:
+        return 0
+    # the checks on values, and N, in one device-to-host transfer (one wait on a GPU)
+    counts = counts.to(torch.int64)
+    stats = [counts.min(), counts.sum()]
+    if support.numel():
+        bad_w = (weights < 0).any() | ~torch.isfinite(weights).all()
+        stats += [support.min().to(torch.int64), support.max().to(torch.int64), bad_w.to(torch.int64)]
+    stats = torch.stack([t.to(counts.device) for t in stats]).tolist()
+    if stats[0] < 0:
+        raise ValueError("counts must be >= 0")
+    if support.numel():
+        lo, hi, bad_w = stats[2:]
         if lo < 0 or hi >= bank.num_classes:
             raise ValueError(f"support ids must be in [0, {bank.num_classes}), got [{lo}, {hi}]")
-        if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+        if bad_w:
             raise ValueError("weights must be finite and >= 0 (the sampler uses sqrt(w))")
-    if m and int(counts.min()) < 0:
-        raise ValueError("counts must be >= 0")
+    return stats[1]
 
 
 def sample_calibrated(
@@ -313,14 +324,13 @@ def sample_calibrated(
         seed i are contiguous, in seed order. Peak extra memory O(N d + sum r_j d).
     """
     device = mu.device
-    _validate(bank, mu, support, weights, counts, labels, alpha, mode, seed)
+    n_total = _validate(bank, mu, support, weights, counts, labels, alpha, mode, seed)
     m, d = mu.shape
     counts = counts.to(torch.int64)
-    n_total = int(counts.sum()) if m else 0
     if n_total >= 2**32:
         raise ValueError(f"{n_total} samples in one call: the Philox sample counter is 32-bit; split the call")
     name = resolve_backend(backend)
-    y = torch.repeat_interleave(labels.to(device=device, dtype=torch.int64), counts.to(device))
+    y = torch.repeat_interleave(labels.to(device=device, dtype=torch.int64), counts.to(device), output_size=n_total)
     if n_total == 0:
         return torch.empty((0, d), dtype=torch.float32, device=device), y
     args = dict(alpha=float(alpha), mode=mode, seed=int(seed))

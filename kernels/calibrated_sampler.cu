@@ -155,9 +155,31 @@ extern "C" __global__ void glag_init_out(float* __restrict__ x, const float* __r
     }
 }
 
+#ifndef GLAG_CPU_EMULATION
+// One float from global to shared memory without a register: cp.async on sm_80 and newer (zero
+// written when !ok; src must still be a valid address), a plain copy before. glag_copy_wait()
+// waits for this thread's copies; a barrier after it makes them visible to the block.
+__device__ __forceinline__ void glag_copy_async(float* dst, const float* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned int to = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(to), "l"(src), "r"(ok ? 4 : 0) : "memory");
+#else
+    *dst = ok ? *src : 0.0f;
+#endif
+}
+
+__device__ __forceinline__ void glag_copy_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+#endif
+
 // A slot GEMM block's tile (tiles[blockIdx.x] = class j, begin, end over rows): the offset and rank
 // of F_j, the tile's length, and in shared memory each row's sample id and sqrt(w) (-1 and 0 past
-// the tile). Ends with __syncthreads(). Shared by glag_slot_gemm and glag_slot_gemm_tc.
+// the tile). The grid has more blocks than tiles (its size is a bound, so the host never waits
+// for the device): a block whose tile is empty gets tlen = 0 at once, before any barrier, and
+// returns; otherwise the set-up ends with __syncthreads().
 struct glag_tile {
     long long off;
     int r, tlen;
@@ -175,6 +197,9 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
     const long long t0 = tile[1];
     glag_tile t;
     t.tlen = (int)(tile[2] - t0);
+    t.off = 0;
+    t.r = 0;
+    if (t.tlen <= 0) return t;  // the same for every thread of the block
     t.off = offsets[cls];
     t.r = (int)(offsets[cls + 1] - t.off);
     if (tid < bm) {
@@ -194,13 +219,18 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
 // One slot: x[rows[t], :] += sqrt(w[seed_of[rows[t]], slot]) * F_j z for the tiles of this slot.
 //   ft:      (R, d) float32, the factors transposed: rows offsets[j]..offsets[j+1] hold F_j^T.
 //   offsets: (C+1,) int64.     rows: (n,) int64 sample ids grouped by class for this slot.
-//   tiles:   (n_tiles, 3) int64: class j, first and one-past-last position in rows (<= 64 apart).
+//   tiles:   (T, 3) int64: class j, first and one-past-last position in rows (<= 64 apart; empty
+//            tiles pad the grid).
 //   seed_of: (n,) int64.       weights: (m, k) float32.
 // Block: 256 threads = 16 x 16; thread (ty, tx) owns rows ty*4..ty*4+3 of the tile and columns
 // n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory).
 // Per K step of 16 components, thread (g_row = tid / 4, g_blk = tid % 4) draws the 4 normals of
 // Philox block (c0 / 4 + g_blk) of its row: one Philox call per thread per step.
-template <int BN>
+// MODE 0: draw and load, barrier, multiply, barrier. MODE 1 and 2: two shared-memory stages; step t
+// multiplies stage t % 2 while the F_j^T values of step t + 1 are on their way (1: into
+// registers, stored after the multiply; 2: cp.async straight into the other stage) and its
+// normals are drawn after the multiply; one barrier a step.
+template <int BN, int MODE>
 __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, const long long* __restrict__ offsets,
                                                const long long* __restrict__ rows,
                                                const long long* __restrict__ tiles,
@@ -208,14 +238,17 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
                                                const float* __restrict__ weights, int k, int slot, int d,
                                                unsigned int k0, unsigned int k1, float* __restrict__ x) {
     constexpr int BM = 64, BK = 16, TM = 4, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
-    __shared__ __align__(16) float a_s[BK * APAD];  // A^T tile: a_s[kk * APAD + row]
-    __shared__ __align__(16) float b_s[BK * BN];    // B tile:   b_s[kk * BN + col]
+    constexpr int NB = BK * BN / 256;  // values of F_j^T a thread loads a step
+    constexpr int STAGES = MODE == 0 ? 1 : 2;
+    __shared__ __align__(16) float a_s[STAGES][BK * APAD];  // A^T tile: a_s[.][kk * APAD + row]
+    __shared__ __align__(16) float b_s[STAGES][BK * BN];    // B tile:   b_s[.][kk * BN + col]
     __shared__ long long row_s[BM];
     __shared__ float scale_s[BM];
 
     const int tid = threadIdx.x;
     const int tx = tid & 15, ty = tid >> 4;
     const glag_tile tl = glag_tile_setup(offsets, rows, tiles, seed_of, weights, k, slot, BM, row_s, scale_s);
+    if (tl.tlen <= 0) return;
     const long long off = tl.off;
     const int r = tl.r, tlen = tl.tlen;
     const int n0 = blockIdx.y * BN;
@@ -230,36 +263,52 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
-    for (int c0 = 0; c0 < r; c0 += BK) {
-        // A: normals, straight from the RNG into shared memory (zero past r and past the tile)
-        {
-            float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            const int cb = c0 + 4 * g_blk;
-            if (g_s >= 0 && cb < r) {
-                glag_block_normals((unsigned int)g_s, (unsigned int)slot, (unsigned int)(cb >> 2), k0, k1, z);
+    float z[4];     // this thread's normals of the step being staged
+    float bq[NB];   // this thread's values of F_j^T of that step
+    // B: F_j^T rows c0..c0+15, columns n0..n0+BN-1 (coalesced along d). Element p of this thread
+    // is row c0 + b_kk + RP p, column n0 + b_nn, stored at b_s[.][tid + 256 p].
+    constexpr int RP = 256 / BN;  // rows of B a pass of the block covers
+    const int b_kk = tid / BN, b_nn = tid % BN;
+    const bool b_col_in = n0 + b_nn < d;
+    const float* b_base = ft + (off + b_kk) * (long long)d + n0 + b_nn;
+    auto b_in = [&](int c0, int p) { return b_col_in && c0 + b_kk + RP * p < r; };
+    auto b_at = [&](int c0, int p) { return b_base + (long long)(c0 + RP * p) * d; };
+    auto b_value = [&](int c0, int p) { return b_in(c0, p) ? *b_at(c0, p) : 0.0f; };
+    auto copy_b = [&](int c0, int buf) {  // MODE 2: straight into shared memory, asynchronously
 #pragma unroll
-                for (int q = 0; q < 4; ++q) z[q] = (cb + q < r) ? g_scale * z[q] : 0.0f;
-            }
-#pragma unroll
-            for (int q = 0; q < 4; ++q) a_s[(4 * g_blk + q) * APAD + g_row] = z[q];
+        for (int p = 0; p < NB; ++p) {
+            const bool ok = b_in(c0, p);
+            glag_copy_async(&b_s[buf][tid + 256 * p], ok ? b_at(c0, p) : ft, ok);
         }
-        // B: F_j^T rows c0..c0+15, columns n0..n0+BN-1 (coalesced along d)
+    };
+    auto load_b = [&](int c0) {
 #pragma unroll
-        for (int p = 0; p < BK * BN / 256; ++p) {
-            const int idx = tid + 256 * p;
-            const int kk = idx / BN, nn = idx - (idx / BN) * BN;
-            const int c = c0 + kk, n = n0 + nn;
-            b_s[idx] = (c < r && n < d) ? ft[(off + c) * (long long)d + n] : 0.0f;
+        for (int p = 0; p < NB; ++p) bq[p] = b_value(c0, p);
+    };
+    // A: normals straight from the RNG (zero past r and past the tile)
+    auto draw_a = [&](int c0) {
+        const int cb = c0 + 4 * g_blk;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) z[q] = 0.0f;
+        if (g_s >= 0 && cb < r) {
+            glag_block_normals((unsigned int)g_s, (unsigned int)slot, (unsigned int)(cb >> 2), k0, k1, z);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) z[q] = (cb + q < r) ? g_scale * z[q] : 0.0f;
         }
-        __syncthreads();
+    };
+    auto stage_a = [&](int buf) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a_s[buf][(4 * g_blk + q) * APAD + g_row] = z[q];
+    };
+    auto multiply = [&](int buf) {
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
-            const float4 a = *reinterpret_cast<const float4*>(&a_s[kk * APAD + ty * TM]);
+            const float4 a = *reinterpret_cast<const float4*>(&a_s[buf][kk * APAD + ty * TM]);
             const float av[TM] = {a.x, a.y, a.z, a.w};
             float bv[TN];
 #pragma unroll
             for (int v = 0; v < NV; ++v) {
-                const float4 b = *reinterpret_cast<const float4*>(&b_s[kk * BN + 64 * v + 4 * tx]);
+                const float4 b = *reinterpret_cast<const float4*>(&b_s[buf][kk * BN + 64 * v + 4 * tx]);
                 bv[4 * v] = b.x;
                 bv[4 * v + 1] = b.y;
                 bv[4 * v + 2] = b.z;
@@ -270,7 +319,58 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
 #pragma unroll
                 for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
         }
+    };
+
+    if (MODE == 1) {
+        load_b(0);
+        draw_a(0);
+        stage_a(0);
+#pragma unroll
+        for (int p = 0; p < NB; ++p) b_s[0][tid + 256 * p] = bq[p];
         __syncthreads();
+        int buf = 0;
+        for (int c0 = 0; c0 < r; c0 += BK) {
+            const bool next = c0 + BK < r;  // the same for the whole block
+            if (next) load_b(c0 + BK);      // in flight during the multiply
+            multiply(buf);
+            if (next) {
+                draw_a(c0 + BK);
+                stage_a(buf ^ 1);
+#pragma unroll
+                for (int p = 0; p < NB; ++p) b_s[buf ^ 1][tid + 256 * p] = bq[p];
+            }
+            __syncthreads();
+            buf ^= 1;
+        }
+    } else if (MODE == 2) {
+        copy_b(0, 0);
+        draw_a(0);
+        stage_a(0);
+        glag_copy_wait();
+        __syncthreads();
+        int buf = 0;
+        for (int c0 = 0; c0 < r; c0 += BK) {
+            const bool next = c0 + BK < r;  // the same for the whole block
+            if (next) copy_b(c0 + BK, buf ^ 1);  // lands during the multiply
+            multiply(buf);
+            if (next) {
+                draw_a(c0 + BK);
+                stage_a(buf ^ 1);
+                glag_copy_wait();
+            }
+            __syncthreads();
+            buf ^= 1;
+        }
+    } else {
+        for (int c0 = 0; c0 < r; c0 += BK) {
+#pragma unroll
+            for (int p = 0; p < NB; ++p) b_s[0][tid + 256 * p] = b_value(c0, p);
+            draw_a(c0);
+            stage_a(0);
+            __syncthreads();
+            multiply(0);
+            __syncthreads();
+        }
     }
 
 #pragma unroll
@@ -296,13 +396,17 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         float *__restrict__ x
 
 // BN = 256 columns a block (d >= 256: each normal serves 256 FMAs per draw), BN = 64 for small d.
-extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<256>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x);
-}
-
-extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_bn64(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<64>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x);
-}
+#define GLAG_SLOT_GEMM_KERNEL(name, BN, MODE)                                                         \
+    extern "C" __global__ void __launch_bounds__(256) name(GLAG_SLOT_GEMM_ARGS) {                    \
+        glag_slot_gemm<BN, MODE>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); \
+    }
+GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn256, 256, 2)
+GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn64, 64, 2)
+// A/B variants (tools/gpu_ab.py)
+GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn256_m0, 256, 0)
+GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn64_m0, 64, 0)
+GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn256_m1, 256, 1)
+GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn64_m1, 64, 1)
 
 // Test hook: the normals of blocks (samples[i], stream, blocks[i], 0) -> out[i, 0..3].
 extern "C" __global__ void glag_block_normals_kernel(const long long* __restrict__ samples,

@@ -7,19 +7,15 @@ copy, and the kernels run on torch's current stream, so the result is ordered wi
 torch work as usual.
 
 Work per call (METHOD.md, low-rank sampling): one ``glag_init_out`` launch (``x = mu' + e``),
-then for each slot one ``glag_slot_gemm_*`` launch over the tiles of samples grouped by their
-support class in that slot; the grouping is a few torch ops on the device.
-
-Two GEMM kernels, chosen by ``GLAG_CUDA_GEMM``: ``simt`` (default: float32 FMA tiles,
-``calibrated_sampler.cu``) and ``tc`` (tensor cores, sm_80+, 3xTF32 for float32 accuracy,
-``calibrated_sampler_tc.cu``). Both draw the same normals; ``tc`` falls back to ``simt`` (logged
-once) on an older GPU. ``tc`` is not the default until it has been measured on a GPU.
+then for each slot one ``glag_slot_gemm_bn*`` launch over the tiles of samples grouped by their
+support class in that slot. The grouping is a few torch ops on the device, and the host never
+waits for them: each launch's grid is an upper bound on its tile count, and the blocks past the
+last tile return at once.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,27 +26,15 @@ from .reference import seed_key
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("calibrated_sampler.cu")
-TC_SOURCE = Path(__file__).with_name("calibrated_sampler_tc.cu")
 TILE_ROWS = 64  # BM of the kernels: samples a thread block
 THREADS = 256  # the kernels assume exactly 256 threads a block
 KERNELS = ("glag_init_out", "glag_slot_gemm_bn256", "glag_slot_gemm_bn64", "glag_block_normals_kernel")
-GEMMS = ("simt", "tc")
 
-__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "gemm_choice", "block_columns", "SOURCE"]
-
-
-def gemm_choice() -> str:
-    """The GEMM kernel ``GLAG_CUDA_GEMM`` asks for: ``simt`` (default) or ``tc``."""
-    name = os.environ.get("GLAG_CUDA_GEMM", "simt").strip().lower() or "simt"
-    if name not in GEMMS:
-        raise ValueError(f"GLAG_CUDA_GEMM={name!r}: choose one of {', '.join(GEMMS)}")
-    return name
+__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "block_columns", "SOURCE"]
 
 
-def block_columns(d: int, gemm: str) -> int:
-    """Output columns a thread block (BN) of the GEMM kernel ``gemm`` for feature dimension d."""
-    if gemm == "tc":
-        return 128
+def block_columns(d: int) -> int:
+    """Output columns a thread block of the slot GEMM covers (BN) at feature dimension d."""
     return 256 if d >= 256 else 64
 
 
@@ -77,34 +61,40 @@ def is_available() -> tuple[bool, str]:
     return True, f"CuPy {cp.__version__}, {n_dev} device(s)"
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels(device_index: int, tc: bool = False) -> dict:
-    """Compile (or load from CuPy's cache) the module for one device: {name: RawKernel}.
+# the slot GEMM kernels' name suffix: "" (cp.async into two shared-memory stages), or an A/B
+# variant of calibrated_sampler.cu ("_m0": one stage, "_m1": two stages through registers)
+_GEMM_VARIANT = ""
 
-    ``tc``: the module also holds ``glag_slot_gemm_tc`` (its source appended to the main one)."""
+
+@functools.lru_cache(maxsize=None)
+def _kernels(device_index: int) -> dict:
+    """Compile (or load from CuPy's cache) the module for one device: {name: RawKernel}."""
     cp = _cupy()
-    code, names = SOURCE.read_text(), KERNELS
-    if tc:
-        code, names = code + "\n" + TC_SOURCE.read_text(), KERNELS + ("glag_slot_gemm_tc",)
     with cp.cuda.Device(device_index):
-        module = cp.RawModule(code=code, options=("--std=c++17",))
-        kernels = {name: module.get_function(name) for name in names}
-    log.info("compiled %s%s for cuda:%d", SOURCE.name, f" + {TC_SOURCE.name}" if tc else "", device_index)
+        module = cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
+        kernels = {name: module.get_function(name) for name in KERNELS}
+        for bn in (64, 256):
+            for suffix in ("_m0", "_m1"):
+                name = f"glag_slot_gemm_bn{bn}{suffix}"
+                kernels[name] = module.get_function(name)
+    log.info("compiled %s for cuda:%d", SOURCE.name, device_index)
     return kernels
-
-
-@functools.lru_cache(maxsize=None)
-def _tc_supported(device_index: int) -> bool:
-    major, minor = torch.cuda.get_device_capability(device_index)
-    if major < 8:
-        log.warning("GLAG_CUDA_GEMM=tc needs compute capability 8.0 or newer (TF32 tensor cores); "
-                    "cuda:%d has %d.%d: using the simt kernel", device_index, major, minor)
-    return major >= 8
 
 
 def _cp(t: torch.Tensor):
     """Zero-copy CuPy view of a CUDA tensor (DLPack)."""
     return _cupy().from_dlpack(t)
+
+
+def _external_stream(cp, stream: torch.cuda.Stream):
+    """A CuPy view of a torch stream (``Stream.from_external`` where CuPy has it, else ``ExternalStream``)."""
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(stream)
+        except (TypeError, AttributeError, ValueError):  # a torch stream without the stream protocol
+            pass
+    return cp.cuda.ExternalStream(stream.cuda_stream)
 
 
 class _on_torch_stream:
@@ -113,7 +103,7 @@ class _on_torch_stream:
     def __init__(self, device: torch.device):
         cp = _cupy()
         self.dev = cp.cuda.Device(device.index)
-        self.stream = cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        self.stream = _external_stream(cp, torch.cuda.current_stream(device))
 
     def __enter__(self):
         self.dev.__enter__()
@@ -128,12 +118,16 @@ class _on_torch_stream:
 def _slot_tiles(cls: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor, ranks: torch.Tensor, n_total: int):
     """Group the samples of one slot by support class and cut each group into 64-row tiles.
 
+    No device-to-host transfer: the tile list has a fixed length, an upper bound on the number
+    of tiles, and the entries past the last tile are empty (begin == end).
+
     Args:
         cls: (m,) int64 support class of each seed row in this slot.   counts, starts: (m,).
         ranks: (C,) int64 r_j (on the device).   n_total: N = counts.sum().
     Returns:
         rows (N,) int64 sample ids ordered by class, and tiles (T, 3) int64 (class, begin, end)
-        over ``rows``, only for classes with r_j > 0.
+        over ``rows``, only for classes with r_j > 0, then empty tiles up to
+        T = N // 64 + min(C, m) (each class with samples adds at most one partial tile).
     """
     dev = cls.device
     n_classes = ranks.numel()
@@ -141,17 +135,21 @@ def _slot_tiles(cls: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor, r
     cnt_o = counts[order]
     # sample ids: for each seed row in ``order``, starts[i] .. starts[i] + counts[i] - 1
     pos_o = torch.cumsum(cnt_o, 0) - cnt_o  # where each ordered seed row begins in ``rows``
-    rows = torch.arange(n_total, device=dev) + torch.repeat_interleave(starts[order] - pos_o, cnt_o)
+    rows = torch.arange(n_total, device=dev) + torch.repeat_interleave(starts[order] - pos_o, cnt_o,
+                                                                       output_size=n_total)
     per_class = torch.zeros(n_classes, dtype=torch.int64, device=dev).index_add_(0, cls, counts)
     ptr = torch.cumsum(per_class, 0) - per_class
     per_class = torch.where(ranks > 0, per_class, torch.zeros_like(per_class))
     n_tiles = (per_class + TILE_ROWS - 1) // TILE_ROWS
-    tile_cls = torch.repeat_interleave(torch.arange(n_classes, device=dev), n_tiles)
-    first_tile = torch.cumsum(n_tiles, 0) - n_tiles
-    within = torch.arange(tile_cls.numel(), device=dev) - first_tile[tile_cls]
-    begin = ptr[tile_cls] + within * TILE_ROWS
-    end = torch.minimum(begin + TILE_ROWS, ptr[tile_cls] + per_class[tile_cls])
-    return rows, torch.stack([tile_cls, begin, end], dim=1).contiguous()
+    last_tile = torch.cumsum(n_tiles, 0)  # one past each class's last tile
+    bound = n_total // TILE_ROWS + min(n_classes, cls.numel())
+    t = torch.arange(bound, device=dev)
+    tile_cls = torch.searchsorted(last_tile, t, right=True)  # n_classes past the last tile
+    real = tile_cls < n_classes
+    j = tile_cls.clamp(max=n_classes - 1)
+    begin = ptr[j] + (t - (last_tile[j] - n_tiles[j])) * TILE_ROWS
+    end = torch.where(real, torch.minimum(begin + TILE_ROWS, ptr[j] + per_class[j]), begin)
+    return rows, torch.stack([j, begin, end], dim=1).contiguous()
 
 
 def sample_cuda(
@@ -181,14 +179,11 @@ def sample_cuda(
     n_total = out.shape[0]
     k0, k1 = seed_key(seed)
     dev_index = device.index if device.index is not None else torch.cuda.current_device()
-    gemm_name = gemm_choice()
-    if gemm_name == "tc" and not _tc_supported(dev_index):
-        gemm_name = "simt"
-    kern = _kernels(dev_index, gemm_name == "tc")
+    kern = _kernels(dev_index)
     offsets_d = offsets.to(device=device, dtype=torch.int64).contiguous()
     ranks = offsets_d.diff()
     starts = torch.cumsum(counts, 0) - counts
-    seed_of = torch.repeat_interleave(torch.arange(m, device=device), counts)
+    seed_of = torch.repeat_interleave(torch.arange(m, device=device), counts, output_size=n_total)
     sqrt_alpha = float(np.sqrt(alpha)) if alpha > 0 else 0.0
 
     with _on_torch_stream(device):
@@ -199,15 +194,12 @@ def sample_cuda(
             (_cp(out), _cp(mu), _cp(seed_of), np.int64(n_total), np.int32(d),
              np.uint32(k0), np.uint32(k1), np.float32(sqrt_alpha), np.int32(mode == "diag")),
         )
-        bn = block_columns(d, gemm_name)
-        gemm = kern["glag_slot_gemm_tc" if gemm_name == "tc" else f"glag_slot_gemm_bn{bn}"]
+        bn = block_columns(d)
+        gemm = kern[f"glag_slot_gemm_bn{bn}{_GEMM_VARIANT}"]
         for slot in range(k):
             rows, tiles = _slot_tiles(support[:, slot].contiguous(), counts, starts, ranks, n_total)
-            n_tiles = tiles.shape[0]
-            if n_tiles == 0:
-                continue
             gemm(
-                (n_tiles, (d + bn - 1) // bn), (THREADS,),
+                (tiles.shape[0], (d + bn - 1) // bn), (THREADS,),
                 (_cp(bank_t), _cp(offsets_d), _cp(rows), _cp(tiles), _cp(seed_of), _cp(weights),
                  np.int32(k), np.int32(slot), np.int32(d), np.uint32(k0), np.uint32(k1), _cp(out)),
             )

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# GPU check of the calibrated sampler (kernels/calibrated_sampler.cu through CuPy), under 7 minutes (each step has its own timeout).
+# GPU check of the calibrated sampler (kernels/calibrated_sampler.cu through CuPy), a few minutes
+# (each step has its own timeout).
 #
-#   bash tools/gpu_check.sh          # on a machine with a CUDA GPU, torch (CUDA build), CuPy, nvcc
+#   bash tools/gpu_check.sh          # on a machine with a CUDA GPU, torch (CUDA build), CuPy
 #
-# 1. pip install -e . --no-deps --no-build-isolation (the machine's torch/CuPy stay; faiss is not
-#    needed here; no package index is needed)
+# 1. glag is imported from a copy of this checkout in a temporary folder (nothing is installed,
+#    no package index is needed; faiss is not needed), run with python3 -P so that the checkout's
+#    own glag/ folder does not shadow it
 # 2. the sampler tests, GPU ones included (tests/test_sampling_gpu.py, marked gpu), plus the CPU
-#    ones: cuda vs the float64 reference (both GEMM kernels: simt and the 3xTF32 tensor-core tc)
-#    and vs numba, moments, CPU-input round trip
-# 3. glag-bench --device cuda on cifar100-lt and imagenet-lt, d = 2048 / 512 / 64 (the target first), k = 3:
-#    glag-cuda (simt) and glag-cuda-tc against torch (float32 and TF32), with % of the FP32 peak
-# 4. compute-sanitizer memcheck on a small call, when the tool is there (it is refused on some hosts)
+#    ones: cuda vs the float64 reference and vs numba, moments, CPU-input round trip
+# 3. glag-bench --device cuda on cifar100-lt and imagenet-lt, d = 2048 / 512 / 64 (the target
+#    first), k = 3: glag-cuda against torch (float32 and TF32), with % of the FP32 peak
+# 4. compute-sanitizer memcheck on a small call, when the tool is there (some hosts refuse it)
 # Everything is logged to $OUT/gpu_check.log (or ./gpu_check_out/ when OUT is unset), with the
 # benchmark's JSON and plot beside it. Exit status: non-zero if a step failed.
 set -uo pipefail
@@ -25,7 +26,7 @@ step() { echo; echo "== $* ($(date +%T))"; }
 
 run_all() {
     step "environment"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
     "$PY" - <<'EOF' 2>&1 || true
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
@@ -36,27 +37,25 @@ except Exception as e:
     print("cupy not usable:", type(e).__name__, e)
 EOF
 
-    step "install"
-    # no index there: build with the machine's own setuptools; if that fails, import from a copy
-    if ! "$PY" -m pip install -e . --no-deps --no-build-isolation -q; then
-        echo "pip install failed: copying kernels/ and tools/ into glag/ of this (throw-away) checkout"
-        cp -r kernels glag/kernels && cp -r tools glag/tools
-        export PYTHONPATH="$PWD"
-    fi
+    step "glag from a temporary copy"
+    tree="$(mktemp -d)"
+    cp -r glag "$tree/glag" && cp -r kernels "$tree/glag/kernels" && cp -r tools "$tree/glag/tools" || status=1
+    export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
+    "$PY" -P -c "import glag.kernels.cuda as c, glag.tools.bench_kernel; print('glag from', c.__file__)" || status=1
 
     step "tests (GPU and CPU sampler tests)"
-    timeout 150 "$PY" -m pytest tests/test_sampling_gpu.py tests/test_philox.py tests/test_sampling.py \
+    timeout 200 "$PY" -P -m pytest tests/test_sampling_gpu.py tests/test_philox.py tests/test_sampling.py \
         -q -rs -p no:cacheprovider || status=1
-    "$PY" -c "from glag import sampling; print('available backends:', sampling.available_backends())"
+    "$PY" -P -c "from glag import sampling; print('available backends:', sampling.available_backends())"
 
     step "benchmark (glag-bench --device cuda)"
-    timeout 200 "$PY" -m glag.tools.bench_kernel --device cuda --profiles cifar100-lt imagenet-lt \
+    timeout 200 "$PY" -P -m glag.tools.bench_kernel --device cuda --profiles cifar100-lt imagenet-lt \
         --dims 2048 512 64 --ks 3 --work 1000 --repeats 3 --dc-seeds 3 --dc-seconds 4 \
         --out "$OUT_DIR/bench_kernel_gpu.json" --plot "$OUT_DIR/bench_kernel_gpu.png" --no-progress || status=1
+
     if command -v compute-sanitizer >/dev/null 2>&1; then
         step "compute-sanitizer memcheck (small call, d = 300 and 37)"
-        timeout 80 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" - <<'EOF' || status=1
-import os
+        timeout 80 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -P - <<'EOF' || status=1
 import torch
 from glag.sampling import FactorBank, class_factor, sample_calibrated
 g = torch.Generator().manual_seed(0)
@@ -68,14 +67,13 @@ for d in (300, 37):
     sup = torch.stack([torch.randperm(4, generator=g)[:k] for _ in range(m)]).cuda()
     w = torch.rand(m, k).cuda()
     counts = torch.tensor([0, 3, 70, 1, 130]).cuda()
-    for gemm in ("simt", "tc"):
-        os.environ["GLAG_CUDA_GEMM"] = gemm
-        x, y = sample_calibrated(bank, mu, sup, w, counts, torch.arange(m).cuda(), 0.1, "diag", 1, backend="cuda")
-        torch.cuda.synchronize()
-        print("d", d, gemm, "ok", tuple(x.shape), bool(torch.isfinite(x).all()))
+    x, y = sample_calibrated(bank, mu, sup, w, counts, torch.arange(m).cuda(), 0.1, "diag", 1, backend="cuda")
+    torch.cuda.synchronize()
+    print("d", d, "ok", tuple(x.shape), bool(torch.isfinite(x).all()))
 EOF
     fi
 
+    rm -rf "$tree"
     step "done, status $status"
     return $status
 }
