@@ -155,26 +155,6 @@ extern "C" __global__ void glag_init_out(float* __restrict__ x, const float* __r
     }
 }
 
-#ifndef GLAG_CPU_EMULATION
-// One float from global to shared memory without a register: cp.async on sm_80 and newer (zero
-// written when !ok; src must still be a valid address), a plain copy before. glag_copy_wait()
-// waits for this thread's copies; a barrier after it makes them visible to the block.
-__device__ __forceinline__ void glag_copy_async(float* dst, const float* src, bool ok) {
-#if __CUDA_ARCH__ >= 800
-    const unsigned int to = (unsigned int)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(to), "l"(src), "r"(ok ? 4 : 0) : "memory");
-#else
-    *dst = ok ? *src : 0.0f;
-#endif
-}
-
-__device__ __forceinline__ void glag_copy_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-#endif
-
 // A slot GEMM block's tile (tiles[blockIdx.x] = class j, begin, end over rows): the offset and rank
 // of F_j, the tile's length, and in shared memory each row's sample id and sqrt(w) (-1 and 0 past
 // the tile). The grid has more blocks than tiles (its size is a bound, so the host never waits
@@ -226,11 +206,10 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
 // n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory).
 // Per K step of 16 components, thread (g_row = tid / 4, g_blk = tid % 4) draws the 4 normals of
 // Philox block (c0 / 4 + g_blk) of its row: one Philox call per thread per step.
-// MODE 0: draw and load, barrier, multiply, barrier. MODE 1 and 2: two shared-memory stages; step t
-// multiplies stage t % 2 while the F_j^T values of step t + 1 are on their way (1: into
-// registers, stored after the multiply; 2: cp.async straight into the other stage) and its
-// normals are drawn after the multiply; one barrier a step.
-template <int BN, int MODE>
+// Two shared-memory stages, one barrier a step: step t multiplies stage t % 2 while this thread's
+// loads of F_j^T for step t + 1 are in flight (into registers); then it draws step t + 1's
+// normals and stores both into the other stage.
+template <int BN>
 __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, const long long* __restrict__ offsets,
                                                const long long* __restrict__ rows,
                                                const long long* __restrict__ tiles,
@@ -239,9 +218,8 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
                                                unsigned int k0, unsigned int k1, float* __restrict__ x) {
     constexpr int BM = 64, BK = 16, TM = 4, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
     constexpr int NB = BK * BN / 256;  // values of F_j^T a thread loads a step
-    constexpr int STAGES = MODE == 0 ? 1 : 2;
-    __shared__ __align__(16) float a_s[STAGES][BK * APAD];  // A^T tile: a_s[.][kk * APAD + row]
-    __shared__ __align__(16) float b_s[STAGES][BK * BN];    // B tile:   b_s[.][kk * BN + col]
+    __shared__ __align__(16) float a_s[2][BK * APAD];  // A^T tile: a_s[.][kk * APAD + row]
+    __shared__ __align__(16) float b_s[2][BK * BN];    // B tile:   b_s[.][kk * BN + col]
     __shared__ long long row_s[BM];
     __shared__ float scale_s[BM];
 
@@ -273,17 +251,9 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
     const float* b_base = ft + (off + b_kk) * (long long)d + n0 + b_nn;
     auto b_in = [&](int c0, int p) { return b_col_in && c0 + b_kk + RP * p < r; };
     auto b_at = [&](int c0, int p) { return b_base + (long long)(c0 + RP * p) * d; };
-    auto b_value = [&](int c0, int p) { return b_in(c0, p) ? *b_at(c0, p) : 0.0f; };
-    auto copy_b = [&](int c0, int buf) {  // MODE 2: straight into shared memory, asynchronously
-#pragma unroll
-        for (int p = 0; p < NB; ++p) {
-            const bool ok = b_in(c0, p);
-            glag_copy_async(&b_s[buf][tid + 256 * p], ok ? b_at(c0, p) : ft, ok);
-        }
-    };
     auto load_b = [&](int c0) {
 #pragma unroll
-        for (int p = 0; p < NB; ++p) bq[p] = b_value(c0, p);
+        for (int p = 0; p < NB; ++p) bq[p] = b_in(c0, p) ? *b_at(c0, p) : 0.0f;
     };
     // A: normals straight from the RNG (zero past r and past the tile)
     auto draw_a = [&](int c0) {
@@ -296,9 +266,11 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
             for (int q = 0; q < 4; ++q) z[q] = (cb + q < r) ? g_scale * z[q] : 0.0f;
         }
     };
-    auto stage_a = [&](int buf) {
+    auto stage = [&](int buf) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) a_s[buf][(4 * g_blk + q) * APAD + g_row] = z[q];
+#pragma unroll
+        for (int p = 0; p < NB; ++p) b_s[buf][tid + 256 * p] = bq[p];
     };
     auto multiply = [&](int buf) {
 #pragma unroll
@@ -321,56 +293,21 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         }
     };
 
-    if (MODE == 1) {
-        load_b(0);
-        draw_a(0);
-        stage_a(0);
-#pragma unroll
-        for (int p = 0; p < NB; ++p) b_s[0][tid + 256 * p] = bq[p];
+    load_b(0);
+    draw_a(0);
+    stage(0);
+    __syncthreads();
+    int buf = 0;
+    for (int c0 = 0; c0 < r; c0 += BK) {
+        const bool next = c0 + BK < r;  // the same for the whole block
+        if (next) load_b(c0 + BK);      // in flight during the multiply
+        multiply(buf);
+        if (next) {
+            draw_a(c0 + BK);
+            stage(buf ^ 1);
+        }
         __syncthreads();
-        int buf = 0;
-        for (int c0 = 0; c0 < r; c0 += BK) {
-            const bool next = c0 + BK < r;  // the same for the whole block
-            if (next) load_b(c0 + BK);      // in flight during the multiply
-            multiply(buf);
-            if (next) {
-                draw_a(c0 + BK);
-                stage_a(buf ^ 1);
-#pragma unroll
-                for (int p = 0; p < NB; ++p) b_s[buf ^ 1][tid + 256 * p] = bq[p];
-            }
-            __syncthreads();
-            buf ^= 1;
-        }
-    } else if (MODE == 2) {
-        copy_b(0, 0);
-        draw_a(0);
-        stage_a(0);
-        glag_copy_wait();
-        __syncthreads();
-        int buf = 0;
-        for (int c0 = 0; c0 < r; c0 += BK) {
-            const bool next = c0 + BK < r;  // the same for the whole block
-            if (next) copy_b(c0 + BK, buf ^ 1);  // lands during the multiply
-            multiply(buf);
-            if (next) {
-                draw_a(c0 + BK);
-                stage_a(buf ^ 1);
-                glag_copy_wait();
-            }
-            __syncthreads();
-            buf ^= 1;
-        }
-    } else {
-        for (int c0 = 0; c0 < r; c0 += BK) {
-#pragma unroll
-            for (int p = 0; p < NB; ++p) b_s[0][tid + 256 * p] = b_value(c0, p);
-            draw_a(c0);
-            stage_a(0);
-            __syncthreads();
-            multiply(0);
-            __syncthreads();
-        }
+        buf ^= 1;
     }
 
 #pragma unroll
@@ -396,17 +333,13 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         float *__restrict__ x
 
 // BN = 256 columns a block (d >= 256: each normal serves 256 FMAs per draw), BN = 64 for small d.
-#define GLAG_SLOT_GEMM_KERNEL(name, BN, MODE)                                                         \
-    extern "C" __global__ void __launch_bounds__(256) name(GLAG_SLOT_GEMM_ARGS) {                    \
-        glag_slot_gemm<BN, MODE>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); \
-    }
-GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn256, 256, 2)
-GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn64, 64, 2)
-// A/B variants (tools/gpu_ab.py)
-GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn256_m0, 256, 0)
-GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn64_m0, 64, 0)
-GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn256_m1, 256, 1)
-GLAG_SLOT_GEMM_KERNEL(glag_slot_gemm_bn64_m1, 64, 1)
+extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
+    glag_slot_gemm<256>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x);
+}
+
+extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_bn64(GLAG_SLOT_GEMM_ARGS) {
+    glag_slot_gemm<64>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x);
+}
 
 // Test hook: the normals of blocks (samples[i], stream, blocks[i], 0) -> out[i, 0..3].
 extern "C" __global__ void glag_block_normals_kernel(const long long* __restrict__ samples,

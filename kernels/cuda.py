@@ -61,11 +61,6 @@ def is_available() -> tuple[bool, str]:
     return True, f"CuPy {cp.__version__}, {n_dev} device(s)"
 
 
-# the slot GEMM kernels' name suffix: "" (cp.async into two shared-memory stages), or an A/B
-# variant of calibrated_sampler.cu ("_m0": one stage, "_m1": two stages through registers)
-_GEMM_VARIANT = ""
-
-
 @functools.lru_cache(maxsize=None)
 def _kernels(device_index: int) -> dict:
     """Compile (or load from CuPy's cache) the module for one device: {name: RawKernel}."""
@@ -73,10 +68,6 @@ def _kernels(device_index: int) -> dict:
     with cp.cuda.Device(device_index):
         module = cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
         kernels = {name: module.get_function(name) for name in KERNELS}
-        for bn in (64, 256):
-            for suffix in ("_m0", "_m1"):
-                name = f"glag_slot_gemm_bn{bn}{suffix}"
-                kernels[name] = module.get_function(name)
     log.info("compiled %s for cuda:%d", SOURCE.name, device_index)
     return kernels
 
@@ -116,40 +107,43 @@ class _on_torch_stream:
 
 
 def _slot_tiles(cls: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor, ranks: torch.Tensor, n_total: int):
-    """Group the samples of one slot by support class and cut each group into 64-row tiles.
+    """For every slot at once: group its samples by support class and cut each group into 64-row tiles.
 
-    No device-to-host transfer: the tile list has a fixed length, an upper bound on the number
-    of tiles, and the entries past the last tile are empty (begin == end).
+    No device-to-host transfer, and the same few torch ops whatever k is: each slot's tile list
+    has a fixed length, an upper bound on its number of tiles, and the entries past its last
+    tile are empty (begin == end).
 
     Args:
-        cls: (m,) int64 support class of each seed row in this slot.   counts, starts: (m,).
-        ranks: (C,) int64 r_j (on the device).   n_total: N = counts.sum().
+        cls: (k, m) int64, support class of each seed row in each slot (``support.T``).
+        counts, starts: (m,) int64.   ranks: (C,) int64 r_j (on the device).   n_total: N = counts.sum().
     Returns:
-        rows (N,) int64 sample ids ordered by class, and tiles (T, 3) int64 (class, begin, end)
-        over ``rows``, only for classes with r_j > 0, then empty tiles up to
-        T = N // 64 + min(C, m) (each class with samples adds at most one partial tile).
+        rows (k, N) int64: per slot, the sample ids ordered by class; tiles (k, T, 3) int64: per
+        slot, (class, begin, end) over that slot's ``rows``, only for classes with r_j > 0, then
+        empty tiles up to T = N // 64 + min(C, m) (each class with samples adds at most one
+        partial tile).
     """
     dev = cls.device
+    k, m = cls.shape
     n_classes = ranks.numel()
-    order = torch.argsort(cls, stable=True)
-    cnt_o = counts[order]
+    order = torch.argsort(cls, dim=1, stable=True)
+    cnt_o = counts[order]  # (k, m)
     # sample ids: for each seed row in ``order``, starts[i] .. starts[i] + counts[i] - 1
-    pos_o = torch.cumsum(cnt_o, 0) - cnt_o  # where each ordered seed row begins in ``rows``
-    rows = torch.arange(n_total, device=dev) + torch.repeat_interleave(starts[order] - pos_o, cnt_o,
-                                                                       output_size=n_total)
-    per_class = torch.zeros(n_classes, dtype=torch.int64, device=dev).index_add_(0, cls, counts)
-    ptr = torch.cumsum(per_class, 0) - per_class
+    pos_o = torch.cumsum(cnt_o, 1) - cnt_o  # where each ordered seed row begins in its slot's ``rows``
+    shift = torch.repeat_interleave((starts[order] - pos_o).flatten(), cnt_o.flatten(), output_size=k * n_total)
+    rows = (torch.arange(n_total, device=dev).repeat(k) + shift).view(k, n_total)
+    per_class = torch.zeros(k, n_classes, dtype=torch.int64, device=dev).scatter_add_(1, cls, counts.expand(k, m))
+    ptr = torch.cumsum(per_class, 1) - per_class
     per_class = torch.where(ranks > 0, per_class, torch.zeros_like(per_class))
     n_tiles = (per_class + TILE_ROWS - 1) // TILE_ROWS
-    last_tile = torch.cumsum(n_tiles, 0)  # one past each class's last tile
-    bound = n_total // TILE_ROWS + min(n_classes, cls.numel())
-    t = torch.arange(bound, device=dev)
+    last_tile = torch.cumsum(n_tiles, 1)  # one past each class's last tile
+    bound = n_total // TILE_ROWS + min(n_classes, m)
+    t = torch.arange(bound, device=dev).expand(k, bound).contiguous()
     tile_cls = torch.searchsorted(last_tile, t, right=True)  # n_classes past the last tile
-    real = tile_cls < n_classes
     j = tile_cls.clamp(max=n_classes - 1)
-    begin = ptr[j] + (t - (last_tile[j] - n_tiles[j])) * TILE_ROWS
-    end = torch.where(real, torch.minimum(begin + TILE_ROWS, ptr[j] + per_class[j]), begin)
-    return rows, torch.stack([j, begin, end], dim=1).contiguous()
+    ptr_j, cnt_j = ptr.gather(1, j), per_class.gather(1, j)
+    begin = ptr_j + (t - (last_tile.gather(1, j) - n_tiles.gather(1, j))) * TILE_ROWS
+    end = torch.where(tile_cls < n_classes, torch.minimum(begin + TILE_ROWS, ptr_j + cnt_j), begin)
+    return rows, torch.stack([j, begin, end], dim=2).contiguous()
 
 
 def sample_cuda(
@@ -195,13 +189,16 @@ def sample_cuda(
              np.uint32(k0), np.uint32(k1), np.float32(sqrt_alpha), np.int32(mode == "diag")),
         )
         bn = block_columns(d)
-        gemm = kern[f"glag_slot_gemm_bn{bn}{_GEMM_VARIANT}"]
-        for slot in range(k):
-            rows, tiles = _slot_tiles(support[:, slot].contiguous(), counts, starts, ranks, n_total)
+        gemm = kern[f"glag_slot_gemm_bn{bn}"]
+        if k == 0:
+            return
+        rows, tiles = _slot_tiles(support.t(), counts, starts, ranks, n_total)
+        ft_c, offsets_c, seed_of_c, weights_c, out_c = map(_cp, (bank_t, offsets_d, seed_of, weights, out))
+        for slot in range(k):  # one launch a slot: each output element has one writer a launch
             gemm(
-                (tiles.shape[0], (d + bn - 1) // bn), (THREADS,),
-                (_cp(bank_t), _cp(offsets_d), _cp(rows), _cp(tiles), _cp(seed_of), _cp(weights),
-                 np.int32(k), np.int32(slot), np.int32(d), np.uint32(k0), np.uint32(k1), _cp(out)),
+                (tiles.shape[1], (d + bn - 1) // bn), (THREADS,),
+                (ft_c, offsets_c, _cp(rows[slot]), _cp(tiles[slot]), seed_of_c, weights_c, np.int32(k),
+                 np.int32(slot), np.int32(d), np.uint32(k0), np.uint32(k1), out_c),
             )
 
 

@@ -27,7 +27,6 @@ SHIM = r"""
 #include <barrier>
 #include <cmath>
 #include <cstring>
-#include <string>
 #include <thread>
 #include <vector>
 struct glag_dim3 { unsigned int x, y, z; };
@@ -47,11 +46,6 @@ static inline unsigned int __umulhi(unsigned int a, unsigned int b) {
 static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 struct alignas(16) float4 { float x, y, z, w; };
-// cp.async, emulated: the copy happens at once (blocks run one at a time, threads in lock step
-// at each barrier, so the kernel's own barriers still order it)
-#define GLAG_CPU_EMULATION
-static inline void glag_copy_async(float* dst, const float* src, bool ok) { *dst = ok ? *src : 0.0f; }
-static inline void glag_copy_wait() {}
 #include "calibrated_sampler.cu"
 template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F body) {
     gridDim = {gx, gy, 1};
@@ -71,19 +65,17 @@ extern "C" void emu_init_out(float* x, const float* mu, const long long* seed_of
                              unsigned int k0, unsigned int k1, float sqrt_alpha, int diag, unsigned int grid) {
     emu_launch(grid, 1, [&] { glag_init_out(x, mu, seed_of, n, d, k0, k1, sqrt_alpha, diag); });
 }
-#define EMU_GEMM(name) \
-    if (variant == #name) emu_launch((unsigned int)n_tiles, gy, [&] { \
-        name(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
-extern "C" void emu_slot_gemm(const char* kernel, const float* ft, const long long* offsets, const long long* rows,
+extern "C" void emu_slot_gemm(int bn, const float* ft, const long long* offsets, const long long* rows,
                               const long long* tiles, long long n_tiles, const long long* seed_of,
                               const float* weights, int k, int slot, int d, unsigned int k0, unsigned int k1,
                               float* x) {
-    const std::string variant(kernel);
-    const unsigned int gy = (unsigned int)((d + (variant.find("bn256") != std::string::npos ? 256 : 64) - 1) /
-                                           (variant.find("bn256") != std::string::npos ? 256 : 64));
-    EMU_GEMM(glag_slot_gemm_bn256) EMU_GEMM(glag_slot_gemm_bn64)
-    EMU_GEMM(glag_slot_gemm_bn256_m0) EMU_GEMM(glag_slot_gemm_bn64_m0)
-    EMU_GEMM(glag_slot_gemm_bn256_m1) EMU_GEMM(glag_slot_gemm_bn64_m1)
+    const unsigned int gy = (unsigned int)((d + bn - 1) / bn);
+    if (bn == 256)
+        emu_launch((unsigned int)n_tiles, gy, [&] {
+            glag_slot_gemm_bn256(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
+    else
+        emu_launch((unsigned int)n_tiles, gy, [&] {
+            glag_slot_gemm_bn64(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
 }
 """
 
@@ -116,7 +108,7 @@ def emulator(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed, variant=""):
+def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed):
     """The host side of kernels/cuda.py (same tiling helper), with the kernels run on the CPU."""
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     m, d = mu.shape
@@ -133,57 +125,55 @@ def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed, varia
                      ctypes.c_uint(k0), ctypes.c_uint(k1), ctypes.c_float(alpha**0.5), ctypes.c_int(mode == "diag"),
                      ctypes.c_uint(grid))
     starts = torch.cumsum(counts, 0) - counts
-    kernel = f"glag_slot_gemm_bn{kcuda.block_columns(d)}{variant}".encode()
+    bn = kcuda.block_columns(d)
+    rows, tiles = kcuda._slot_tiles(support.t(), counts, starts, bank.ranks, n)
     for slot in range(k):
-        rows, tiles = kcuda._slot_tiles(support[:, slot].contiguous(), counts, starts, bank.ranks, n)
-        rows, tiles = rows.numpy(), tiles.numpy()
-        lib.emu_slot_gemm(ctypes.c_char_p(kernel), ptr(ft), ptr(off), ptr(rows), ptr(tiles),
-                          ctypes.c_longlong(len(tiles)), ptr(seed_of), ptr(w_n), ctypes.c_int(k), ctypes.c_int(slot),
+        rows_s, tiles_s = rows[slot].numpy(), tiles[slot].numpy()
+        lib.emu_slot_gemm(ctypes.c_int(bn), ptr(ft), ptr(off), ptr(rows_s), ptr(tiles_s),
+                          ctypes.c_longlong(len(tiles_s)), ptr(seed_of), ptr(w_n), ctypes.c_int(k), ctypes.c_int(slot),
                           ctypes.c_int(d), ctypes.c_uint(k0), ctypes.c_uint(k1), ptr(x))
     return torch.from_numpy(x)
 
 
-# the slot GEMM's variants: "" (cp.async, two stages), "_m0" (one stage), "_m1" (two, via registers)
-VARIANTS = ["", "_m0", "_m1"]
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("d,mode,alpha", [(37, "all", 0.1), (300, "diag", 0.2)])
-def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, mode, alpha, variant):
+def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, mode, alpha):
     """BN = 64 (d = 37) and BN = 256 (d = 300, two column blocks); tiles of 64 rows, partial tiles,
     empty tiles padding the grid, r = 0 / r < 16 / r not a multiple of 16 / r = d, a seed row with
     no samples."""
     bank, mu, support, w, counts, labels = _problem(d, ns=(1, 5, 20, 37, 70, 400), m=6, k=3,
                                                     counts=[0, 3, 70, 1, 130, 9])
-    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5, variant=variant)
+    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5)
     xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, 2**33 + 5, backend="torch")
     assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_slot_tiles_cover_each_sample_once_and_pad_with_empty_tiles(seed):
-    """The tile list (fixed length, no host wait): every sample whose class has r_j > 0 in exactly
-    one tile of its class, tiles of <= 64 rows, then only empty tiles."""
+    """The tile lists of all slots at once (fixed length, no host wait): in each slot, every sample
+    whose class has r_j > 0 in exactly one tile of its class, tiles of <= 64 rows, then only
+    empty tiles."""
     g = torch.Generator().manual_seed(seed)
-    n_classes, m = 9, 40
+    n_classes, m, k = 9, 40, 3
     ranks = torch.randint(0, 3, (n_classes,), generator=g) * torch.randint(1, 50, (n_classes,), generator=g)
-    cls = torch.randint(0, n_classes, (m,), generator=g)
+    cls = torch.randint(0, n_classes, (k, m), generator=g)
     counts = torch.randint(0, 200, (m,), generator=g) * (torch.rand(m, generator=g) < 0.8)
     starts = torch.cumsum(counts, 0) - counts
     n = int(counts.sum())
     rows, tiles = kcuda._slot_tiles(cls, counts, starts, ranks, n)
-    assert sorted(rows.tolist()) == list(range(n))
+    assert rows.shape == (k, n) and tiles.shape == (k, n // kcuda.TILE_ROWS + min(n_classes, m), 3)
     seed_of = torch.repeat_interleave(torch.arange(m), counts)
-    lengths = tiles[:, 2] - tiles[:, 1]
-    assert tiles.shape[0] == n // kcuda.TILE_ROWS + min(n_classes, m)
-    assert ((lengths >= 0) & (lengths <= kcuda.TILE_ROWS)).all()
-    n_real = int((lengths > 0).sum())
-    assert (lengths[:n_real] > 0).all() and (lengths[n_real:] == 0).all()
-    covered = torch.cat([rows[b:e] for _, b, e in tiles[:n_real].tolist()]) if n_real else torch.empty(0, dtype=torch.long)
-    for j, b, e in tiles[:n_real].tolist():
-        assert (cls[seed_of[rows[b:e]]] == j).all() and ranks[j] > 0
-    expected = torch.nonzero(ranks[cls[seed_of]] > 0).flatten()
-    assert sorted(covered.tolist()) == expected.tolist()
+    for slot in range(k):
+        rows_s, tiles_s = rows[slot], tiles[slot]
+        assert sorted(rows_s.tolist()) == list(range(n))
+        lengths = tiles_s[:, 2] - tiles_s[:, 1]
+        assert ((lengths >= 0) & (lengths <= kcuda.TILE_ROWS)).all()
+        n_real = int((lengths > 0).sum())
+        assert (lengths[:n_real] > 0).all() and (lengths[n_real:] == 0).all()
+        covered = [rows_s[b:e] for _, b, e in tiles_s[:n_real].tolist()]
+        for (j, b, e), part in zip(tiles_s[:n_real].tolist(), covered):
+            assert (cls[slot, seed_of[part]] == j).all() and ranks[j] > 0
+        expected = torch.nonzero(ranks[cls[slot, seed_of]] > 0).flatten()
+        assert sorted(torch.cat(covered).tolist() if covered else []) == expected.tolist()
 
 
 # ------------------------------------------------------------------ on a GPU
@@ -200,11 +190,9 @@ def test_cuda_normals_match_reference():
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("d", [13, 64, 300, 2048])
 @pytest.mark.parametrize("k,mode,alpha", [(1, "all", 0.0), (2, "all", 0.1), (3, "diag", 0.2)])
-def test_cuda_matches_reference(d, k, mode, alpha, variant, monkeypatch):
-    monkeypatch.setattr(kcuda, "_GEMM_VARIANT", variant)
+def test_cuda_matches_reference(d, k, mode, alpha):
     bank, mu, support, w, counts, labels = _problem(d, ns=(1, 6, 17, d, d + 40, 80), m=7, k=k,
                                                     counts=[0, 3, 70, 1, 130, 9, 64])
     dev = torch.device("cuda")
