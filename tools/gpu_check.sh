@@ -4,9 +4,8 @@
 #
 #   bash tools/gpu_check.sh          # on a machine with a CUDA GPU, torch (CUDA build), CuPy
 #
-# 1. glag is imported from a copy of this checkout in a temporary folder (nothing is installed,
-#    no package index is needed; faiss is not needed), run with python3 -P so that the checkout's
-#    own glag/ folder does not shadow it
+# 1. glag is imported from a copy of this checkout in a temporary folder, the working folder of
+#    every step (nothing is installed, no package index is needed, faiss is not needed)
 # 2. the sampler tests, GPU ones included (tests/test_sampling_gpu.py, marked gpu), plus the CPU
 #    ones: cuda vs the float64 reference and vs numba, moments, CPU-input round trip
 # 3. glag-bench --device cuda on cifar100-lt and imagenet-lt, d = 2048 / 512 / 64 (the target
@@ -16,8 +15,9 @@
 # benchmark's JSON and plot beside it. Exit status: non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+repo="$PWD"
 OUT_DIR="${OUT:-gpu_check_out}"
-mkdir -p "$OUT_DIR"
+mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 status=0
@@ -40,22 +40,22 @@ EOF
     step "glag from a temporary copy"
     tree="$(mktemp -d)"
     cp -r glag "$tree/glag" && cp -r kernels "$tree/glag/kernels" && cp -r tools "$tree/glag/tools" || status=1
-    export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
-    "$PY" -P -c "import glag.kernels.cuda as c, glag.tools.bench_kernel; print('glag from', c.__file__)" || status=1
+    cd "$tree" || return 1
+    "$PY" -c "import glag.kernels.cuda as c, glag.tools.bench_kernel; print('glag from', c.__file__)" || status=1
 
     step "tests (GPU and CPU sampler tests)"
-    timeout 200 "$PY" -P -m pytest tests/test_sampling_gpu.py tests/test_philox.py tests/test_sampling.py \
-        -q -rs -p no:cacheprovider || status=1
-    "$PY" -P -c "from glag import sampling; print('available backends:', sampling.available_backends())"
+    timeout 200 "$PY" -m pytest "$repo/tests/test_sampling_gpu.py" "$repo/tests/test_philox.py" \
+        "$repo/tests/test_sampling.py" -q -rs -p no:cacheprovider || status=1
+    "$PY" -c "from glag import sampling; print('available backends:', sampling.available_backends())"
 
     step "benchmark (glag-bench --device cuda)"
-    timeout 200 "$PY" -P -m glag.tools.bench_kernel --device cuda --profiles cifar100-lt imagenet-lt \
+    timeout 200 "$PY" -m glag.tools.bench_kernel --device cuda --profiles cifar100-lt imagenet-lt \
         --dims 2048 512 64 --ks 3 --work 1000 --repeats 3 --dc-seeds 3 --dc-seconds 4 \
         --out "$OUT_DIR/bench_kernel_gpu.json" --plot "$OUT_DIR/bench_kernel_gpu.png" --no-progress || status=1
 
     if command -v compute-sanitizer >/dev/null 2>&1; then
         step "compute-sanitizer memcheck (small call, d = 300 and 37)"
-        timeout 80 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -P - <<'EOF' || status=1
+        timeout 80 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" - <<'EOF' || status=1
 import torch
 from glag.sampling import FactorBank, class_factor, sample_calibrated
 g = torch.Generator().manual_seed(0)
@@ -73,7 +73,7 @@ for d in (300, 37):
 EOF
     fi
 
-    rm -rf "$tree"
+    cd "$repo" && rm -rf "$tree"
     step "done, status $status"
     return $status
 }
