@@ -397,7 +397,7 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
             train_stage2(child, resume=child_resume)
     val = {w: json.loads((folder[w] / "metrics.json").read_text())["stage2"]["val"] for w in cfg.omega_grid}
     best = pick_omega_init(cfg.omega_grid, [val[w]["top1"] for w in cfg.omega_grid])
-    src = run / "omega_init" / f"{best:g}"
+    src = folder[best]
     for name in ("best.pt", "omega.json", "summary.csv"):
         if (src / name).exists():
             atomic_write_bytes(run / name, (src / name).read_bytes())

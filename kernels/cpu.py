@@ -32,6 +32,7 @@ The RNG contract is in :mod:`glag.kernels.reference`; same seed, same numbers to
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import logging
 import math
@@ -514,19 +515,15 @@ def _populate(a: np.ndarray) -> bool:
                         _MADV_POPULATE_WRITE) == 0
 
 
-_LIBC: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _libc():
     """The C library with ``madvise`` typed, or None; loaded once."""
-    if "lib" not in _LIBC:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _LIBC["lib"] = libc
-        except (OSError, AttributeError):
-            _LIBC["lib"] = None
-    return _LIBC["lib"]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _slot_tasks(cls, counts, starts, ranks, tm):
