@@ -301,6 +301,7 @@ def sample_calibrated(
     mode: str = "all",
     seed: int = 0,
     backend: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw calibrated samples ``x ~ N(mu'_i, Sigma'_i)`` for every seed row i (METHOD.md 5-6).
 
@@ -319,9 +320,15 @@ def sample_calibrated(
         seed: 64-bit RNG seed; with the sample index it keys every normal (Philox4x32-10), so
             the same call gives the same samples on every backend.
         backend: "cuda", "numba", "torch" or None (``$GLAG_SAMPLER_BACKEND``, else auto).
+        out: optional (N, d) float32 C-contiguous tensor on ``mu``'s device to write x into
+            (a slice of a bigger buffer is fine, if its rows are contiguous). Stage two samples
+            straight into its epoch's feature matrix this way, and a caller that samples every
+            epoch can reuse one buffer: no fresh N x d allocation whose pages the OS must map
+            and zero on every call.
     Returns:
-        x (N, d) float32 and y (N,) int64 on ``mu``'s device, N = counts.sum(); the rows of
-        seed i are contiguous, in seed order. Peak extra memory O(N d + sum r_j d).
+        x (N, d) float32 (``out`` itself when given) and y (N,) int64 on ``mu``'s device,
+        N = counts.sum(); the rows of seed i are contiguous, in seed order. Peak extra memory
+        O(N d + sum r_j d) (O(sum r_j d + N) with ``out``).
     """
     device = mu.device
     n_total = _validate(bank, mu, support, weights, counts, labels, alpha, mode, seed)
@@ -329,15 +336,17 @@ def sample_calibrated(
     counts = counts.to(torch.int64)
     if n_total >= 2**32:
         raise ValueError(f"{n_total} samples in one call: the Philox sample counter is 32-bit; split the call")
+    if out is not None:
+        _check_out(out, n_total, d, device)
     name = resolve_backend(backend)
     y = torch.repeat_interleave(labels.to(device=device, dtype=torch.int64), counts.to(device), output_size=n_total)
     if n_total == 0:
-        return torch.empty((0, d), dtype=torch.float32, device=device), y
+        return (out if out is not None else torch.empty((0, d), dtype=torch.float32, device=device)), y
     args = dict(alpha=float(alpha), mode=mode, seed=int(seed))
 
     if name == "torch":
         x, _ = _run_reference(bank, mu, support, weights, counts, labels, **args)
-        return x, y
+        return (out.copy_(x) if out is not None else x), y
 
     if name == "numba":
         run_dev = torch.device("cpu")
@@ -350,10 +359,12 @@ def sample_calibrated(
         return t.detach().to(device=run_dev, dtype=dtype).contiguous()
 
     mu_r, sup_r, w_r, cnt_r = on(mu, torch.float32), on(support, torch.int64), on(weights, torch.float32), on(counts, torch.int64)
+    # write straight into out where the backend runs on its device; else a buffer copied into it
+    direct = out is not None and out.device == run_dev
     if name == "numba":
         from .kernels import cpu
 
-        x = torch.from_numpy(cpu.empty_output(n_total, d))  # pages mapped up front, not faulted in
+        x = out if direct else torch.from_numpy(cpu.empty_output(n_total, d))  # fresh: pages mapped up front
 
         bank4, offsets4 = bank.transposed_padded(run_dev, 4)
         cpu.sample_numba(
@@ -363,10 +374,29 @@ def sample_calibrated(
     else:
         from .kernels import cuda as cuda_backend
 
-        x = torch.empty((n_total, d), dtype=torch.float32, device=run_dev)
+        x = out if direct else torch.empty((n_total, d), dtype=torch.float32, device=run_dev)
 
         cuda_backend.sample_cuda(bank.transposed(run_dev), bank.offsets, mu_r, sup_r, w_r, cnt_r, x, **args)
+    if out is not None:
+        return (out if direct else out.copy_(x)), y
     return x.to(device), y
+
+
+def _check_out(out: torch.Tensor, n_total: int, d: int, device: torch.device) -> None:
+    """``out`` must be an (N, d) float32 tensor with contiguous rows on the inputs' device."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != (n_total, d):
+        raise ValueError(f"out must be (N={n_total}, d={d}) (N = counts.sum()), got {tuple(out.shape)}")
+    if out.dtype != torch.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}: allocate it with dtype=torch.float32")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but mu is on {device}: allocate it on {device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be C-contiguous (strides {out.stride()}): pass a row slice of a "
+                         "contiguous buffer, not a column slice or a transpose")
+    if out.requires_grad:
+        raise ValueError("out must not require grad: the sampler writes it in place")
 
 
 def _run_reference(bank, mu, support, weights, counts, labels, alpha, mode, seed):

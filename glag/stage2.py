@@ -201,33 +201,46 @@ class EpochBuilder:
         self.weights = afg.support_weights(dist2, self.support, self.counts, cfg.weights)
 
     def build(self, epoch: int, omega: "afg.AdaptiveOmega | None") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (x (M, d) float32, y (M,) int64, kd_mask (M,) bool) for one epoch; M = C·n_max."""
+        """Return (x (M, d) float32, y (M,) int64, kd_mask (M,) bool) for one epoch; M = C·n_max.
+
+        Rows: the real features, then each resampled class's picks, then the generated features,
+        written in place into one (M, d) buffer (the sampler draws straight into its tail).
+        """
         tr, cfg = self.train, self.cfg
-        xs, ys, real = [tr.x], [tr.y], [torch.ones(len(tr.y), dtype=torch.bool)]
         labels = tr.y.numpy()
+        picks = []
         for c in self.resample_ids:
             # class-balanced resampling of real features up to n_max
             short = self.n_max - int(self.counts[c])
-            pick = torch.as_tensor(self.rng.choice(np.flatnonzero(labels == c), size=short, replace=True))
-            xs.append(tr.x[pick])
-            ys.append(tr.y[pick])
-            real.append(torch.zeros(short, dtype=torch.bool))
+            picks.append(torch.as_tensor(self.rng.choice(np.flatnonzero(labels == c), size=short, replace=True)))
+        pick = torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64)
+        gen = None
         if len(self.seed_rows):
             qlabels = tr.y[self.seed_rows]
             n = afg.allocate_counts(qlabels.numpy(), self.n_max, self.counts, self.rng)
             keep = torch.as_tensor(n) > 0
+            gen = (qlabels, n, keep)
+        n_gen = int(gen[1].sum()) if gen is not None else 0
+        n_real, n_pick = len(tr.y), len(pick)
+        x = torch.empty((n_real + n_pick + n_gen, tr.x.shape[1]), dtype=torch.float32)
+        y = torch.empty(len(x), dtype=torch.int64)
+        x[:n_real] = tr.x
+        y[:n_real] = tr.y
+        torch.index_select(tr.x, 0, pick, out=x[n_real:n_real + n_pick])
+        torch.index_select(tr.y, 0, pick, out=y[n_real:n_real + n_pick])
+        if gen is not None:
+            qlabels, n, keep = gen
             w = omega.omega_for(qlabels[keep].numpy()) if omega is not None else np.float32(cfg.omega_init)
             mu = afg.calibrate_means(tr.x[self.seed_rows[keep]], self.support[keep], self.weights[keep],
                                      self.stats.means, torch.as_tensor(w, dtype=torch.float32))
             with streaming.keep_torch_threads():  # numba's OpenMP would leave torch at its thread count
-                gx, gy = sample_calibrated(self.stats.bank, mu, self.support[keep], self.weights[keep],
-                                           torch.as_tensor(n)[keep], qlabels[keep], alpha=cfg.alpha,
-                                           mode=cfg.alpha_mode, seed=_mix(cfg.seed, epoch), backend=cfg.backend)
-            xs.append(gx.float())
-            ys.append(gy)
-            real.append(torch.zeros(len(gy), dtype=torch.bool))
-        x, y, is_real = torch.cat(xs), torch.cat(ys), torch.cat(real)
-        kd_mask = is_real & self.is_head[y]
+                _, gy = sample_calibrated(self.stats.bank, mu, self.support[keep], self.weights[keep],
+                                          torch.as_tensor(n)[keep], qlabels[keep], alpha=cfg.alpha,
+                                          mode=cfg.alpha_mode, seed=_mix(cfg.seed, epoch), backend=cfg.backend,
+                                          out=x[n_real + n_pick:])
+            y[n_real + n_pick:] = gy
+        kd_mask = torch.zeros(len(x), dtype=torch.bool)
+        kd_mask[:n_real] = self.is_head[tr.y]
         return x, y, kd_mask
 
 

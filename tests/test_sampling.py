@@ -233,6 +233,40 @@ def test_input_validation():
         sample_calibrated(bank, mu[:, :3], support, w, counts, labels)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_buffer_gets_the_samples_in_place(backend):
+    """``out=``: the same samples, written into the given rows of a bigger buffer, nothing else touched."""
+    bank, mu, support, w, counts, labels, _ = _problem(d=9, ns=(1, 6, 13, 40), m=6, k=2, counts=[5, 3, 0, 7, 2, 4])
+    x, y = sample_calibrated(bank, mu, support, w, counts, labels, 0.2, "diag", 5, backend=backend)
+    n = int(counts.sum())
+    buf = torch.full((n + 7, 9), -123.0)
+    xo, yo = sample_calibrated(bank, mu, support, w, counts, labels, 0.2, "diag", 5, backend=backend,
+                               out=buf[3:3 + n])
+    assert xo.data_ptr() == buf[3:3 + n].data_ptr()  # out itself, no copy made
+    assert torch.equal(xo, x) and torch.equal(yo, y)
+    assert (buf[:3] == -123.0).all() and (buf[3 + n:] == -123.0).all()
+    # an empty call leaves an empty out as it is
+    xe, _ = sample_calibrated(bank, mu, support, w, torch.zeros(6, dtype=torch.int64), labels, backend=backend,
+                              out=buf[:0])
+    assert xe.shape == (0, 9)
+
+
+def test_out_buffer_validation():
+    bank, mu, support, w, counts, labels, _ = _problem()
+    n = int(counts.sum())
+    cases = [
+        (torch.empty(n + 1, 7), r"out must be \(N=%d, d=7\)" % n),
+        (torch.empty(n, 7, dtype=torch.float64), "out must be float32"),
+        (torch.empty(7, n).t(), "C-contiguous"),
+        (torch.empty(n, 7, requires_grad=True), "grad"),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            sample_calibrated(bank, mu, support, w, counts, labels, out=bad)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        sample_calibrated(bank, mu, support, w, counts, labels, out=np.empty((n, 7), np.float32))
+
+
 # ------------------------------------------------------------------ backend choice
 @pytest.fixture
 def fresh_backends(monkeypatch):
@@ -318,7 +352,7 @@ def test_bench_kernel_tiny_run(tmp_path):
     out = tmp_path / "bench.json"
     rc = bench_kernel.main(["--profiles", "cifar100-lt", "--dims", "16", "--ks", "2", "--work", "0.02",
                             "--repeats", "1", "--min-seconds", "0", "--dc-seconds", "0", "--dc-seeds", "2",
-                            "--mvn-seeds", "4", "--ref-samples", "50", "--device", "cpu", "--no-progress",
+                            "--mvn-seeds", "4", "--ref-samples", "50", "--device", "cpu", "--no-progress", "--settle", "0.01",
                             "--out", str(out), "--plot", str(tmp_path / "bench.png")])
     assert rc == 0
     res = json.loads(out.read_text())

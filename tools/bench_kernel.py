@@ -18,14 +18,18 @@ amount of work, and times on the same job:
 * ``torch-lowrank`` the same low-rank math as glag in plain torch: ``torch.randn`` + one matmul
                     per (slot, support class) group + ``index_add_``;
 * ``glag-<backend>`` :func:`glag.sampling.sample_calibrated` with each available backend (the
-                    ``torch`` reference on a subset: it is the slow oracle);
+                    ``torch`` reference on a subset: it is the slow oracle), writing into one
+                    output buffer (``out=``, as stage two does, and as ``torch-lowrank`` and the
+                    GEMMs do); ``glag-<backend>-fresh``: the same with a new output every call,
+                    whose pages the OS must map and zero each time;
 * ``gemm-*``        this machine's float32 GEMM rate on exactly the (rows x r_j) @ (r_j x d)
                     products of the job: whole groups in torch (``gemm-torch``) and numpy
                     (``gemm-numpy``), and the numba backend's own tiles with one single-threaded
                     BLAS call per thread (``gemm-tiles``); the best of them is the ceiling.
 
-FLOPs are the useful ones, 2 r_j d per sample and slot. Every timing is the best of
-``--repeats`` runs, the methods interleaved so they share the machine's load. The table gives
+FLOPs are the useful ones, 2 r_j d per sample and slot. Every timing is the fastest call
+of ``--repeats`` rounds, the methods interleaved so they share the machine's load, with a short
+sleep before each (``--settle``) so no method pays for the idle-spinning threads of the last. The table gives
 samples/s, GFLOP/s, % of the GEMM ceiling and each glag backend's speed-up over each baseline;
 the JSON has it all, plus the targets of DESIGN.md ("Performance targets") and the projected
 time of an ImageNet-LT-sized epoch (d = 2048, k = 3).
@@ -226,10 +230,12 @@ def make_lowrank(job: Job, tf32: bool = False):
                 torch.backends.cuda.matmul.allow_tf32 = before
         return run_tf32
 
+    buf = torch.empty((job.n, job.d), device=device)  # allocated once, as glag's out=
+
     def run():
         seed_of = torch.repeat_interleave(torch.arange(job.mu.shape[0], device=device), job.counts)
         n = seed_of.numel()
-        x = job.mu[seed_of]
+        x = torch.index_select(job.mu, 0, seed_of, out=buf[:n])
         if job.alpha > 0:
             x += math.sqrt(job.alpha) * torch.randn(n, job.d if job.mode == "diag" else 1, device=device)
         for slot in range(job.k):
@@ -247,13 +253,17 @@ def make_lowrank(job: Job, tf32: bool = False):
     return run
 
 
-def make_glag(job: Job, backend: str):
-    """glag's sampler on the job."""
+def make_glag(job: Job, backend: str, fresh: bool = False):
+    """glag's sampler on the job, into one output buffer reused call after call (``out=``, as stage
+    two samples into its epoch matrix), or with ``fresh`` a new output each call (the default
+    ``sample_calibrated`` call: the OS maps and zeroes N x d new pages every time)."""
     from glag.sampling import sample_calibrated
+
+    buf = None if fresh else torch.empty((job.n, job.d), device=job.mu.device)
 
     def run():
         x, _ = sample_calibrated(job.bank, job.mu, job.support, job.weights, job.counts, job.labels,
-                                 alpha=job.alpha, mode=job.mode, seed=1234, backend=backend)
+                                 alpha=job.alpha, mode=job.mode, seed=1234, backend=backend, out=buf)
         return x.shape[0]
     return run
 
@@ -327,17 +337,34 @@ def gpu_fp32_peak_gflops(device) -> float | None:
 
 
 def _time(fn, device, min_seconds: float = 0.2):
-    """(seconds per call, samples per call): calls ``fn`` until ``min_seconds`` pass (>= 1 call)."""
-    calls, n_done = 0, 0
+    """(seconds of the fastest call, samples per call): calls ``fn`` until ``min_seconds`` pass (>= 1 call).
+
+    Each call is timed on its own (synchronised on a GPU), and the fastest kept, as for the
+    repeats: on a shared machine the noise only ever adds time.
+    """
+    best, n_done = math.inf, 0
     _sync(device)
-    t0 = time.perf_counter()
+    t_end = time.perf_counter() + min_seconds
     while True:
+        t0 = time.perf_counter()
         n_done = fn()
-        calls += 1
         _sync(device)
-        if time.perf_counter() - t0 >= min_seconds:
+        t1 = time.perf_counter()
+        best = min(best, t1 - t0)
+        if t1 >= t_end:
             break
-    return (time.perf_counter() - t0) / calls, n_done
+    return best, n_done
+
+
+def settle(seconds: float) -> None:
+    """Sleep, so the thread pools of the method timed before are idle when the next one starts.
+
+    A multi-threaded OpenBLAS call (numpy's, in ``gemm-numpy`` and ``dc-numpy``) leaves its
+    worker threads spinning for about 0.1 s afterwards (measured here: one core busy for
+    0.1 s after the call returns); on a 2-core machine whatever runs next loses that core.
+    """
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def run_config(job: Job, args, backends, progress) -> dict:
@@ -355,6 +382,7 @@ def run_config(job: Job, args, backends, progress) -> dict:
             methods["glag-torch"] = make_glag(sub, "torch")
         else:
             methods[f"glag-{b}"] = make_glag(job, b)
+            methods[f"glag-{b}-fresh"] = make_glag(job, b, fresh=True)
     if device.type == "cuda":
         methods["torch-lowrank-tf32"] = make_lowrank(job, tf32=True)
     methods["gemm-torch"] = make_gemm(job, "torch")
@@ -377,6 +405,7 @@ def run_config(job: Job, args, backends, progress) -> dict:
             if name in once and rep > 0:
                 continue
             progress.set_postfix_str(f"{job.profile} d={job.d} k={job.k} {name} {rep + 1}/{args.repeats}")
+            settle(args.settle)
             sec, n_done = _time(fn, device, 0.0 if name in once else args.min_seconds)
             if name not in best or sec < best[name][0]:
                 best[name] = (sec, n_done)
@@ -410,11 +439,11 @@ def format_table(res: dict) -> str:
     head = (f"{res['profile']}  d={res['d']}  k={res['k']}: {res['samples']:,} samples from {res['seed_rows']:,} seed "
             f"rows (epoch: {res['epoch_samples']:,}), {res['flops_per_sample'] / 1e6:.3g} MFLOP/sample, "
             f"GEMM ceiling {res['gemm_ceiling_gflops']:.1f} GFLOP/s ({res['gemm_ceiling_lib']})")
-    lines = [head, f"  {'method':<15}{'samples/s':>14}{'GFLOP/s':>10}{'%GEMM':>8}{'x dc-numpy':>12}{'x torch-mvn':>13}{'x lowrank':>11}"]
+    lines = [head, f"  {'method':<18}{'samples/s':>14}{'GFLOP/s':>10}{'%GEMM':>8}{'x dc-numpy':>12}{'x torch-mvn':>13}{'x lowrank':>11}"]
     for name, m in res["methods"].items():
         sp = m.get("speedup")
         tail = "".join(f"{sp[b]:>{w}.3g}" for b, w in (("dc-numpy", 12), ("torch-mvn", 13), ("torch-lowrank", 11))) if sp else ""
-        lines.append(f"  {name:<15}{_fmt_rate(m['samples_per_s']):>14}{m['gflops']:>10.1f}{m['pct_gemm']:>8.1f}{tail}"
+        lines.append(f"  {name:<18}{_fmt_rate(m['samples_per_s']):>14}{m['gflops']:>10.1f}{m['pct_gemm']:>8.1f}{tail}"
                      + (f"  ({m['pct_fp32_peak']:.1f}% of FP32 peak)" if name.startswith("glag-cuda")
                         and "pct_fp32_peak" in m else ""))
     return "\n".join(lines)
@@ -501,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=None, help="timed runs a method, the best kept (default 3)")
     g.add_argument("--min-seconds", type=float, default=0.3,
                    help="a fast method is called again until a timed run lasts this long (default 0.3)")
+    g.add_argument("--settle", type=float, default=None,
+                   help="seconds of sleep before each timed method, so the thread pools of the one before "
+                        "have gone idle (default 0.3 on a CPU, 0 on a GPU)")
     g.add_argument("--dc-seeds", type=int, default=20,
                    help="at most this many seeds for dc-numpy (2 at d > 512) (default 20)")
     g.add_argument("--dc-seconds", type=float, default=None,
@@ -538,6 +570,8 @@ def main(argv=None) -> int:
     if args.device == "auto":
         args.device = "cuda" if "cuda" in avail else "cpu"
     device = torch.device(args.device)
+    if args.settle is None:
+        args.settle = 0.0 if device.type == "cuda" else 0.3
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: torch has no CUDA device here", file=sys.stderr)
         return 2
@@ -573,7 +607,7 @@ def main(argv=None) -> int:
     configs = [(p, d, k) for p in args.profiles for d in args.dims for k in args.ks]
     results = []
     bar = tqdm(configs, desc="configs", disable=args.no_progress, file=sys.stderr)
-    settings = {"alpha": args.alpha, "mode": args.mode, "work_gflops": work / 1e9, "repeats": args.repeats,
+    settings = {"alpha": args.alpha, "mode": args.mode, "work_gflops": work / 1e9, "repeats": args.repeats, "settle_s": args.settle,
                 "dc_seeds": args.dc_seeds, "dc_seconds": args.dc_seconds, "mvn_seeds": args.mvn_seeds,
                 "ref_samples": args.ref_samples, "seed": args.seed}
 
