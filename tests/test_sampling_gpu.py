@@ -236,3 +236,23 @@ def test_cuda_with_cpu_inputs_returns_cpu_and_auto_prefers_cuda(monkeypatch):
     xn, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "all", 3, backend="numba")
     assert x.device.type == "cpu" and y.device.type == "cpu"
     assert (x - xn).abs().max() / xn.abs().max() <= 1e-5
+
+
+@gpu
+@needs_gpu
+def test_cuda_out_buffer_in_place_and_across_devices():
+    """``out=`` on the GPU: written in place (a row slice of a bigger buffer, the rest untouched);
+    CPU inputs with the cuda backend: computed on the GPU and copied into the CPU ``out``."""
+    bank, mu, support, w, counts, labels = _problem(40, ns=(5, 30, 60), m=5, k=2, counts=[10, 0, 5, 7, 300])
+    n = int(counts.sum())
+    dev = torch.device("cuda")
+    bank_gpu = FactorBank(bank.data.to(dev), bank.offsets)
+    args = [t.to(dev) for t in (mu, support, w, counts, labels)]
+    x, _ = sample_calibrated(bank_gpu, *args, alpha=0.1, mode="diag", seed=4, backend="cuda")
+    buf = torch.full((n + 6, 40), -7.0, device=dev)
+    xo, _ = sample_calibrated(bank_gpu, *args, alpha=0.1, mode="diag", seed=4, backend="cuda", out=buf[2:2 + n])
+    assert xo.data_ptr() == buf[2:2 + n].data_ptr() and torch.equal(xo, x)
+    assert (buf[:2] == -7.0).all() and (buf[2 + n:] == -7.0).all()
+    cpu_out = torch.empty(n, 40)
+    xc, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "diag", 4, backend="cuda", out=cpu_out)
+    assert xc.data_ptr() == cpu_out.data_ptr() and torch.equal(xc, x.cpu())

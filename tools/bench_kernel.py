@@ -20,8 +20,8 @@ amount of work, and times on the same job:
 * ``glag-<backend>`` :func:`glag.sampling.sample_calibrated` with each available backend (the
                     ``torch`` reference on a subset: it is the slow oracle), writing into one
                     output buffer (``out=``, as stage two does, and as ``torch-lowrank`` and the
-                    GEMMs do); ``glag-<backend>-fresh``: the same with a new output every call,
-                    whose pages the OS must map and zero each time;
+                    GEMMs do); ``glag-<backend>-fresh`` (CPU): the same with a new output every
+                    call, whose pages the OS must map and zero each time;
 * ``gemm-*``        this machine's float32 GEMM rate on exactly the (rows x r_j) @ (r_j x d)
                     products of the job: whole groups in torch (``gemm-torch``) and numpy
                     (``gemm-numpy``), and the numba backend's own tiles with one single-threaded
@@ -382,7 +382,8 @@ def run_config(job: Job, args, backends, progress) -> dict:
             methods["glag-torch"] = make_glag(sub, "torch")
         else:
             methods[f"glag-{b}"] = make_glag(job, b)
-            methods[f"glag-{b}-fresh"] = make_glag(job, b, fresh=True)
+            if device.type == "cpu":  # on a GPU torch's caching allocator hands the same memory back
+                methods[f"glag-{b}-fresh"] = make_glag(job, b, fresh=True)
     if device.type == "cuda":
         methods["torch-lowrank-tf32"] = make_lowrank(job, tf32=True)
     methods["gemm-torch"] = make_gemm(job, "torch")
