@@ -364,7 +364,7 @@ def sample_calibrated(
     if name == "numba":
         from .kernels import cpu
 
-        x = out if direct else torch.from_numpy(cpu.empty_output(n_total, d))  # fresh: pages mapped up front
+        x = out if direct else torch.from_numpy(cpu.empty_output(n_total, d))
 
         bank4, offsets4 = bank.transposed_padded(run_dev, 4)
         cpu.sample_numba(
