@@ -27,10 +27,10 @@ amount of work, and times on the same job:
                     (``gemm-numpy``), and the numba backend's own tiles with one single-threaded
                     BLAS call per thread (``gemm-tiles``); the best of them is the ceiling.
 
-FLOPs are the useful ones, 2 r_j d per sample and slot. Every timing is the fastest call
-of ``--repeats`` rounds, the methods interleaved so they share the machine's load, with a short
-sleep before each (``--settle``) so no method pays for the idle-spinning threads of the last. The table gives
-samples/s, GFLOP/s, % of the GEMM ceiling and each glag backend's speed-up over each baseline;
+FLOPs are the useful ones, 2 r_j d per sample and slot. Every timing is the fastest call of
+``--repeats`` rounds, the methods interleaved so they share the machine's load, with a short sleep
+before each (``--settle``) so that no method pays for the idle-spinning threads of the one before.
+The table gives samples/s, GFLOP/s, % of the GEMM ceiling and each glag backend's speed-up over each baseline;
 the JSON has it all, plus the targets of DESIGN.md ("Performance targets") and the projected
 time of an ImageNet-LT-sized epoch (d = 2048, k = 3).
 """
@@ -337,7 +337,7 @@ def gpu_fp32_peak_gflops(device) -> float | None:
 
 
 def _time(fn, device, min_seconds: float = 0.2):
-    """(seconds of the fastest call, samples per call): calls ``fn`` until ``min_seconds`` pass (>= 1 call).
+    """(seconds of the fastest call, samples per call): calls ``fn`` until ``min_seconds`` pass.
 
     Each call is timed on its own (synchronised on a GPU), and the fastest kept, as for the
     repeats: on a shared machine the noise only ever adds time.
