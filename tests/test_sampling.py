@@ -375,6 +375,8 @@ def test_bench_kernel_tiny_run(tmp_path):
     res = json.loads(out.read_text())
     assert res["complete"] and len(res["results"]) == 1
     methods = res["results"][0]["methods"]
-    assert {"dc-numpy", "torch-mvn", "torch-lowrank", "glag-numba", "glag-torch", "gemm-numpy"} <= set(methods)
+    assert {"dc-numpy", "torch-mvn", "torch-lowrank", "glag-numba", "glag-numba-fresh", "glag-torch",
+            "gemm-numpy"} <= set(methods)
+    assert res["settings"]["settle_s"] == 0.01
     assert methods["glag-numba"]["samples_per_s"] > 0 and "speedup" in methods["glag-numba"]
     assert (tmp_path / "bench.png").stat().st_size > 0
