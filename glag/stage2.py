@@ -213,13 +213,13 @@ class EpochBuilder:
             short = self.n_max - int(self.counts[c])
             picks.append(torch.as_tensor(self.rng.choice(np.flatnonzero(labels == c), size=short, replace=True)))
         pick = torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64)
-        gen = None
-        if len(self.seed_rows):
+        generate = len(self.seed_rows) > 0
+        n_gen = 0
+        if generate:
             qlabels = tr.y[self.seed_rows]
             n = afg.allocate_counts(qlabels.numpy(), self.n_max, self.counts, self.rng)
             keep = torch.as_tensor(n) > 0
-            gen = (qlabels, n, keep)
-        n_gen = int(gen[1].sum()) if gen is not None else 0
+            n_gen = int(n.sum())
         n_real, n_pick = len(tr.y), len(pick)
         x = torch.empty((n_real + n_pick + n_gen, tr.x.shape[1]), dtype=torch.float32)
         y = torch.empty(len(x), dtype=torch.int64)
@@ -227,8 +227,7 @@ class EpochBuilder:
         y[:n_real] = tr.y
         torch.index_select(tr.x, 0, pick, out=x[n_real:n_real + n_pick])
         torch.index_select(tr.y, 0, pick, out=y[n_real:n_real + n_pick])
-        if gen is not None:
-            qlabels, n, keep = gen
+        if generate:
             w = omega.omega_for(qlabels[keep].numpy()) if omega is not None else np.float32(cfg.omega_init)
             mu = afg.calibrate_means(tr.x[self.seed_rows[keep]], self.support[keep], self.weights[keep],
                                      self.stats.means, torch.as_tensor(w, dtype=torch.float32))
