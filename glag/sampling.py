@@ -137,6 +137,17 @@ class FactorBank:
             self._cache[key] = hit
         return hit
 
+    def offsets_on(self, device: torch.device | str) -> torch.Tensor:
+        """(C+1,) int64 :attr:`offsets` on ``device``, cached (the GPU kernels read them there)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.offsets
+        key = ("offsets", str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self.offsets.to(device)
+        return hit
+
     def transposed(self, device: torch.device | str) -> torch.Tensor:
         """(R, d) float32 contiguous ``data^T`` on ``device`` (rows of ``F_j^T``), cached.
 
@@ -272,20 +283,21 @@ def _validate(bank, mu, support, weights, counts, labels, alpha, mode, seed) -> 
         raise ValueError(f"counts and labels must be (m={m},), got {tuple(counts.shape)}, {tuple(labels.shape)}")
     if not m:
         return 0
-    # the checks on values, and N, in one device-to-host transfer (one wait on a GPU)
+    # the checks on values, and N: a few reductions and two small device-to-host transfers (on a
+    # GPU the first waits for the queue, the second finds it empty)
     counts = counts.to(torch.int64)
-    stats = [counts.min(), counts.sum()]
+    ints = [counts.min(), counts.sum()]
     if support.numel():
-        bad_w = (weights < 0).any() | ~torch.isfinite(weights).all()
-        stats += [support.min().to(torch.int64), support.max().to(torch.int64), bad_w.to(torch.int64)]
-    stats = torch.stack([t.to(counts.device) for t in stats]).tolist()
+        ints += [t.to(torch.int64) for t in torch.aminmax(support)]
+    stats = torch.stack([t.to(counts.device) for t in ints]).tolist()
     if stats[0] < 0:
         raise ValueError("counts must be >= 0")
     if support.numel():
-        lo, hi, bad_w = stats[2:]
+        lo, hi = stats[2:]
         if lo < 0 or hi >= bank.num_classes:
             raise ValueError(f"support ids must be in [0, {bank.num_classes}), got [{lo}, {hi}]")
-        if bad_w:
+        w_lo, w_hi = torch.stack(torch.aminmax(weights)).tolist()  # a NaN makes both NaN
+        if not (w_lo >= 0 and math.isfinite(w_hi)):
             raise ValueError("weights must be finite and >= 0 (the sampler uses sqrt(w))")
     return stats[1]
 
@@ -376,7 +388,7 @@ def sample_calibrated(
 
         x = out if direct else torch.empty((n_total, d), dtype=torch.float32, device=run_dev)
 
-        cuda_backend.sample_cuda(bank.transposed(run_dev), bank.offsets, mu_r, sup_r, w_r, cnt_r, x, **args)
+        cuda_backend.sample_cuda(bank.transposed(run_dev), bank.offsets_on(run_dev), mu_r, sup_r, w_r, cnt_r, x, **args)
     if out is not None:
         return (out if direct else out.copy_(x)), y
     return x.to(device), y

@@ -4,15 +4,19 @@
 //     x_s = mu'_i + sum_slot sqrt(w_i,slot) F_{support[i,slot]} z_{s,slot} + e_s
 // with e_s = sqrt(alpha) z0 1 (mode "all") or sqrt(alpha) z (mode "diag").
 //
-// Two kernels, launched on one stream:
-//   glag_init_out       x[s, :] = mu'[seed_of[s], :] + e_s
-//   glag_slot_gemm_*    for one slot: x[s, :] += sqrt(w) F_j z_{s,slot} for every sample s whose
+// Launched on one stream, the host never waiting for the device:
+//   glag_plan_count, glag_plan_tiles, glag_plan_rows
+//                       for every slot: the samples grouped by their support class j in that
+//                       slot, cut into tiles of <= 64 samples (the plan, below)
+//   glag_slot_gemm_*    for one slot: x[s, :] (+)= sqrt(w) F_j z_{s,slot} for every sample s whose
 //                       seed row has support class j in that slot. One thread block per
 //                       (tile of <= 64 samples sharing class j) x (BN output columns): a tiled
 //                       SGEMM whose A operand (the normals) is generated in registers by
 //                       Philox4x32-10 + Box-Muller and staged in shared memory, never in global
-//                       memory. Slots run one launch after another, so each output element has
-//                       one writer per launch: no atomics.
+//                       memory. Slot 0 writes x = mu' + e_s + its product (its epilogue draws the
+//                       dispersion noise), the later slots add theirs. Slots run one launch
+//                       after another, so each output element has one writer per launch: no
+//                       atomics on x.
 //
 // The RNG contract (the same in glag/kernels/reference.py and cpu.py):
 //   Philox4x32-10, key (seed lo, seed hi), counter (s, stream, j / 4, 0); stream = slot for the
@@ -130,36 +134,122 @@ __device__ __forceinline__ void glag_block_normals(unsigned int s, unsigned int 
     z[3] = rb * sb;
 }
 
-// x[s, :] = mu[seed_of[s], :] + e_s. One thread per (sample, block of 4 components), grid-stride.
-//   x: (n, d) float32; mu: (m, d) float32; seed_of: (n,) int64.
-extern "C" __global__ void glag_init_out(float* __restrict__ x, const float* __restrict__ mu,
-                                         const long long* __restrict__ seed_of, long long n, int d,
-                                         unsigned int k0, unsigned int k1, float sqrt_alpha, int diag) {
-    const long long nblk = (d + 3) / 4;
-    const long long total = n * nblk;
+// ---------------------------------------------------------------- the plan: samples grouped by class
+// Three small kernels turn (support, counts) into, for every slot, the sample ids grouped by
+// their support class in that slot and the list of tiles (<= 64 rows of one class) the slot GEMM
+// runs over. Everything stays on the device: the host launches them and the GEMMs without
+// waiting. Within a class the order of the samples depends on the order of the atomics, which
+// changes nothing in x: every row of a tile is computed on its own (same products, same order).
+
+__device__ __forceinline__ long long glag_min_ll(long long a, long long b) { return a < b ? a : b; }
+
+// hist[slot, j] += counts[i] for every seed row i and slot (support[i, slot] = j).
+//   support: (m, k) int64; counts: (m,) int64; hist: (k, C) uint64, zero on entry.
+extern "C" __global__ void glag_plan_count(const long long* __restrict__ support, const long long* __restrict__ counts,
+                                           long long m, int k, int n_classes, unsigned long long* __restrict__ hist) {
+    const long long total = m * k;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-        const long long s = idx / nblk;
-        const int b = (int)(idx - s * nblk);
-        const long long i = seed_of[s];
-        float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (sqrt_alpha > 0.0f) {
-            float z[4];
-            glag_block_normals((unsigned int)s, GLAG_DISPERSION_STREAM, diag ? (unsigned int)b : 0u, k0, k1, z);
-            for (int q = 0; q < 4; ++q) e[q] = sqrt_alpha * (diag ? z[q] : z[0]);
+        const long long i = idx / k;
+        const long long c = counts[i];
+        if (c > 0) atomicAdd(&hist[(idx - i * k) * n_classes + support[idx]], (unsigned long long)c);
+    }
+}
+
+// Tiles of one class in one slot: none for a class without samples, none for r_j = 0 after slot 0
+// (slot 0 writes every row: x = mu' + e + its product, an empty product for r_j = 0).
+__device__ __forceinline__ long long glag_class_tiles(unsigned long long h, long long r, int slot) {
+    return (h > 0 && (slot == 0 || r > 0)) ? (long long)((h + 63) / 64) : 0;
+}
+
+// One block of 256 threads per slot: cursor[slot, j] = first position of class j in that slot's
+// row list (classes in id order), and tiles[slot, :] = (j, begin, end) for every tile of every
+// class, then empty tiles (0, 0, 0) up to bound (>= the number of tiles: N / 64 + min(C, m)).
+//   hist: (k, C) uint64; offsets: (C+1,) int64; cursor: (k, C) uint64; tiles: (k, bound, 3) int64.
+extern "C" __global__ void __launch_bounds__(256) glag_plan_tiles(const unsigned long long* __restrict__ hist,
+                                                                  const long long* __restrict__ offsets,
+                                                                  int n_classes, long long bound,
+                                                                  unsigned long long* __restrict__ cursor,
+                                                                  long long* __restrict__ tiles) {
+    __shared__ long long part_rows[256], part_tiles[256];
+    __shared__ long long n_real;
+    const int slot = blockIdx.x, tid = threadIdx.x;
+    const unsigned long long* h = hist + (long long)slot * n_classes;
+    unsigned long long* cur = cursor + (long long)slot * n_classes;
+    long long* tl = tiles + (long long)slot * bound * 3;
+    const int seg = (n_classes + 255) / 256;  // classes j0 .. j1-1 are this thread's
+    const int j0 = tid * seg < n_classes ? tid * seg : n_classes;
+    const int j1 = j0 + seg < n_classes ? j0 + seg : n_classes;
+    long long rows_sum = 0, tiles_sum = 0;
+    for (int j = j0; j < j1; ++j) {
+        rows_sum += (long long)h[j];
+        tiles_sum += glag_class_tiles(h[j], offsets[j + 1] - offsets[j], slot);
+    }
+    part_rows[tid] = rows_sum;
+    part_tiles[tid] = tiles_sum;
+    __syncthreads();
+    if (tid == 0) {  // exclusive scan of the 256 partial sums
+        long long pr = 0, pt = 0;
+        for (int t = 0; t < 256; ++t) {
+            const long long r0 = part_rows[t], t0 = part_tiles[t];
+            part_rows[t] = pr;
+            part_tiles[t] = pt;
+            pr += r0;
+            pt += t0;
         }
-        for (int q = 0; q < 4; ++q) {
-            const int c = 4 * b + q;
-            if (c < d) x[s * d + c] = mu[i * d + c] + e[q];
+        n_real = pt;
+    }
+    __syncthreads();
+    long long p = part_rows[tid], t = part_tiles[tid];
+    for (int j = j0; j < j1; ++j) {
+        const long long hj = (long long)h[j];
+        const long long nt = glag_class_tiles(h[j], offsets[j + 1] - offsets[j], slot);
+        cur[j] = (unsigned long long)p;
+        for (long long q = 0; q < nt; ++q, ++t) {
+            tl[3 * t] = j;
+            tl[3 * t + 1] = p + 64 * q;
+            tl[3 * t + 2] = glag_min_ll(p + 64 * (q + 1), p + hj);
+        }
+        p += hj;
+    }
+    for (long long q = n_real + tid; q < bound; q += blockDim.x) {
+        tl[3 * q] = 0;
+        tl[3 * q + 1] = 0;
+        tl[3 * q + 2] = 0;
+    }
+}
+
+// rows[slot, cursor[slot, j]++ ...] = the sample ids of seed row i (ends[i] - counts[i] ..
+// ends[i] - 1), row_seed[...] = i, for every seed row i and slot (j = support[i, slot]).
+//   ends: (m,) int64, inclusive prefix sums of counts; rows, row_seed: (k, n) int64.
+extern "C" __global__ void glag_plan_rows(const long long* __restrict__ support, const long long* __restrict__ counts,
+                                          const long long* __restrict__ ends, long long m, int k, int n_classes,
+                                          long long n, unsigned long long* __restrict__ cursor,
+                                          long long* __restrict__ rows, long long* __restrict__ row_seed) {
+    const long long total = m * k;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+        const long long i = idx / k;
+        const long long c = counts[i];
+        if (c <= 0) continue;
+        const long long slot = idx - i * k;
+        const long long p = (long long)atomicAdd(&cursor[slot * n_classes + support[idx]], (unsigned long long)c);
+        const long long s0 = ends[i] - c;
+        long long* rs = rows + slot * n + p;
+        long long* ss = row_seed + slot * n + p;
+        for (long long q = 0; q < c; ++q) {
+            rs[q] = s0 + q;
+            ss[q] = i;
         }
     }
 }
 
+// ---------------------------------------------------------------- the slot GEMM
 // A slot GEMM block's tile (tiles[blockIdx.x] = class j, begin, end over rows): the offset and rank
-// of F_j, the tile's length, and in shared memory each row's sample id and sqrt(w) (-1 and 0 past
-// the tile). The grid has more blocks than tiles (its size is a bound, so the host never waits
-// for the device): a block whose tile is empty gets tlen = 0 at once, before any barrier, and
-// returns; otherwise the set-up ends with __syncthreads().
+// of F_j, the tile's length, and in shared memory each row's sample id, seed row and sqrt(w) (-1,
+// 0 and 0 past the tile). The grid has more blocks than tiles (its size is a bound, so the host
+// never waits for the device): a block whose tile is empty gets tlen = 0 at once, before any
+// barrier, and returns; otherwise the set-up ends with __syncthreads().
 struct glag_tile {
     long long off;
     int r, tlen;
@@ -167,10 +257,10 @@ struct glag_tile {
 
 __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict__ offsets,
                                                      const long long* __restrict__ rows,
+                                                     const long long* __restrict__ row_seed,
                                                      const long long* __restrict__ tiles,
-                                                     const long long* __restrict__ seed_of,
                                                      const float* __restrict__ weights, int k, int slot,
-                                                     int bm, long long* row_s, float* scale_s) {
+                                                     int bm, long long* row_s, long long* seed_s, float* scale_s) {
     const int tid = threadIdx.x;
     const long long* tile = tiles + 3 * (long long)blockIdx.x;
     const long long cls = tile[0];
@@ -184,11 +274,13 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
     t.r = (int)(offsets[cls + 1] - t.off);
     if (tid < bm) {
         if (tid < t.tlen) {
-            const long long s = rows[t0 + tid];
-            row_s[tid] = s;
-            scale_s[tid] = sqrtf(weights[seed_of[s] * k + slot]);
+            const long long i = row_seed[t0 + tid];
+            row_s[tid] = rows[t0 + tid];
+            seed_s[tid] = i;
+            scale_s[tid] = sqrtf(weights[i * k + slot]);
         } else {
             row_s[tid] = -1;
+            seed_s[tid] = 0;
             scale_s[tid] = 0.0f;
         }
     }
@@ -196,14 +288,18 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
     return t;
 }
 
-// One slot: x[rows[t], :] += sqrt(w[seed_of[rows[t]], slot]) * F_j z for the tiles of this slot.
-//   ft:      (R, d) float32, the factors transposed: rows offsets[j]..offsets[j+1] hold F_j^T.
-//   offsets: (C+1,) int64.     rows: (n,) int64 sample ids grouped by class for this slot.
-//   tiles:   (T, 3) int64: class j, first and one-past-last position in rows (<= 64 apart; empty
-//            tiles pad the grid).
-//   seed_of: (n,) int64.       weights: (m, k) float32.
+// One slot: x[rows[t], :] (+)= sqrt(w[row_seed[t], slot]) * F_j z for the tiles of this slot.
+// Slot 0 writes x = (mu'[row_seed[t]] + e) + product, so x needs no other pass; the later slots
+// add their product to x.
+//   ft:       (R, d) float32, the factors transposed: rows offsets[j]..offsets[j+1] hold F_j^T.
+//   offsets:  (C+1,) int64.   rows, row_seed: (n,) int64, this slot's sample ids and their seed
+//             rows, grouped by class.   tiles: (T, 3) int64: class j, first and one-past-last
+//             position in rows (<= 64 apart; empty tiles pad the grid).
+//   weights:  (m, k) float32.  mu: (m, d) float32.  vec: x and mu rows are 16-byte aligned
+//             (d % 4 == 0), so the epilogue moves float4s.
 // Block: 256 threads = 16 x 16; thread (ty, tx) owns rows ty*4..ty*4+3 of the tile and columns
-// n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory).
+// n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory; each
+// thread's 4 columns are one Philox block of the dispersion noise).
 // Per K step of 16 components, thread (g_row = tid / 4, g_blk = tid % 4) draws the 4 normals of
 // Philox block (c0 / 4 + g_blk) of its row: one Philox call per thread per step.
 // Two shared-memory stages, one barrier a step: step t multiplies stage t % 2 while this thread's
@@ -212,28 +308,25 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
 template <int BN>
 __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, const long long* __restrict__ offsets,
                                                const long long* __restrict__ rows,
+                                               const long long* __restrict__ row_seed,
                                                const long long* __restrict__ tiles,
-                                               const long long* __restrict__ seed_of,
-                                               const float* __restrict__ weights, int k, int slot, int d,
-                                               unsigned int k0, unsigned int k1, float* __restrict__ x) {
+                                               const float* __restrict__ weights, const float* __restrict__ mu,
+                                               int k, int slot, int d, unsigned int k0, unsigned int k1,
+                                               float sqrt_alpha, int diag, int vec, float* __restrict__ x) {
     constexpr int BM = 64, BK = 16, TM = 4, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
     constexpr int NB = BK * BN / 256;  // values of F_j^T a thread loads a step
     __shared__ __align__(16) float a_s[2][BK * APAD];  // A^T tile: a_s[.][kk * APAD + row]
     __shared__ __align__(16) float b_s[2][BK * BN];    // B tile:   b_s[.][kk * BN + col]
-    __shared__ long long row_s[BM];
+    __shared__ long long row_s[BM], seed_s[BM];
     __shared__ float scale_s[BM];
 
     const int tid = threadIdx.x;
     const int tx = tid & 15, ty = tid >> 4;
-    const glag_tile tl = glag_tile_setup(offsets, rows, tiles, seed_of, weights, k, slot, BM, row_s, scale_s);
+    const glag_tile tl = glag_tile_setup(offsets, rows, row_seed, tiles, weights, k, slot, BM, row_s, seed_s, scale_s);
     if (tl.tlen <= 0) return;
     const long long off = tl.off;
     const int r = tl.r, tlen = tl.tlen;
     const int n0 = blockIdx.y * BN;
-
-    const int g_row = tid >> 2, g_blk = tid & 3;
-    const long long g_s = row_s[g_row];
-    const float g_scale = scale_s[g_row];
 
     float acc[TM][TN];
 #pragma unroll
@@ -241,104 +334,159 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
-    float z[4];     // this thread's normals of the step being staged
-    float bq[NB];   // this thread's values of F_j^T of that step
-    // B: F_j^T rows c0..c0+15, columns n0..n0+BN-1 (coalesced along d). Element p of this thread
-    // is row c0 + b_kk + RP p, column n0 + b_nn, stored at b_s[.][tid + 256 p].
-    constexpr int RP = 256 / BN;  // rows of B a pass of the block covers
-    const int b_kk = tid / BN, b_nn = tid % BN;
-    const bool b_col_in = n0 + b_nn < d;
-    const float* b_base = ft + (off + b_kk) * (long long)d + n0 + b_nn;
-    auto b_in = [&](int c0, int p) { return b_col_in && c0 + b_kk + RP * p < r; };
-    auto b_at = [&](int c0, int p) { return b_base + (long long)(c0 + RP * p) * d; };
-    auto load_b = [&](int c0) {
+    if (r > 0) {  // the same for the whole block
+        const int g_row = tid >> 2, g_blk = tid & 3;
+        const long long g_s = row_s[g_row];
+        const float g_scale = scale_s[g_row];
+        float z[4];     // this thread's normals of the step being staged
+        float bq[NB];   // this thread's values of F_j^T of that step
+        // B: F_j^T rows c0..c0+15, columns n0..n0+BN-1 (coalesced along d). Element p of this
+        // thread is row c0 + b_kk + RP p, column n0 + b_nn, stored at b_s[.][tid + 256 p].
+        constexpr int RP = 256 / BN;  // rows of B a pass of the block covers
+        const int b_kk = tid / BN, b_nn = tid % BN;
+        const bool b_col_in = n0 + b_nn < d;
+        const float* b_base = ft + (off + b_kk) * (long long)d + n0 + b_nn;
+        auto b_in = [&](int c0, int p) { return b_col_in && c0 + b_kk + RP * p < r; };
+        auto b_at = [&](int c0, int p) { return b_base + (long long)(c0 + RP * p) * d; };
+        auto load_b = [&](int c0) {
 #pragma unroll
-        for (int p = 0; p < NB; ++p) bq[p] = b_in(c0, p) ? *b_at(c0, p) : 0.0f;
-    };
-    // A: normals straight from the RNG (zero past r and past the tile)
-    auto draw_a = [&](int c0) {
-        const int cb = c0 + 4 * g_blk;
+            for (int p = 0; p < NB; ++p) bq[p] = b_in(c0, p) ? *b_at(c0, p) : 0.0f;
+        };
+        // A: normals straight from the RNG (zero past r and past the tile)
+        auto draw_a = [&](int c0) {
+            const int cb = c0 + 4 * g_blk;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) z[q] = 0.0f;
-        if (g_s >= 0 && cb < r) {
-            glag_block_normals((unsigned int)g_s, (unsigned int)slot, (unsigned int)(cb >> 2), k0, k1, z);
+            for (int q = 0; q < 4; ++q) z[q] = 0.0f;
+            if (g_s >= 0 && cb < r) {
+                glag_block_normals((unsigned int)g_s, (unsigned int)slot, (unsigned int)(cb >> 2), k0, k1, z);
 #pragma unroll
-            for (int q = 0; q < 4; ++q) z[q] = (cb + q < r) ? g_scale * z[q] : 0.0f;
-        }
-    };
-    auto stage = [&](int buf) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) a_s[buf][(4 * g_blk + q) * APAD + g_row] = z[q];
-#pragma unroll
-        for (int p = 0; p < NB; ++p) b_s[buf][tid + 256 * p] = bq[p];
-    };
-    auto multiply = [&](int buf) {
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            const float4 a = *reinterpret_cast<const float4*>(&a_s[buf][kk * APAD + ty * TM]);
-            const float av[TM] = {a.x, a.y, a.z, a.w};
-            float bv[TN];
-#pragma unroll
-            for (int v = 0; v < NV; ++v) {
-                const float4 b = *reinterpret_cast<const float4*>(&b_s[buf][kk * BN + 64 * v + 4 * tx]);
-                bv[4 * v] = b.x;
-                bv[4 * v + 1] = b.y;
-                bv[4 * v + 2] = b.z;
-                bv[4 * v + 3] = b.w;
+                for (int q = 0; q < 4; ++q) z[q] = (cb + q < r) ? g_scale * z[q] : 0.0f;
             }
+        };
+        auto stage = [&](int buf) {
 #pragma unroll
-            for (int i = 0; i < TM; ++i)
+            for (int q = 0; q < 4; ++q) a_s[buf][(4 * g_blk + q) * APAD + g_row] = z[q];
 #pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
-        }
-    };
+            for (int p = 0; p < NB; ++p) b_s[buf][tid + 256 * p] = bq[p];
+        };
+        auto multiply = [&](int buf) {
+#pragma unroll
+            for (int kk = 0; kk < BK; ++kk) {
+                const float4 a = *reinterpret_cast<const float4*>(&a_s[buf][kk * APAD + ty * TM]);
+                const float av[TM] = {a.x, a.y, a.z, a.w};
+                float bv[TN];
+#pragma unroll
+                for (int v = 0; v < NV; ++v) {
+                    const float4 b = *reinterpret_cast<const float4*>(&b_s[buf][kk * BN + 64 * v + 4 * tx]);
+                    bv[4 * v] = b.x;
+                    bv[4 * v + 1] = b.y;
+                    bv[4 * v + 2] = b.z;
+                    bv[4 * v + 3] = b.w;
+                }
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
+            }
+        };
 
-    load_b(0);
-    draw_a(0);
-    stage(0);
-    __syncthreads();
-    int buf = 0;
-    for (int c0 = 0; c0 < r; c0 += BK) {
-        const bool next = c0 + BK < r;  // the same for the whole block
-        if (next) load_b(c0 + BK);      // in flight during the multiply
-        multiply(buf);
-        if (next) {
-            draw_a(c0 + BK);
-            stage(buf ^ 1);
-        }
+        load_b(0);
+        draw_a(0);
+        stage(0);
         __syncthreads();
-        buf ^= 1;
+        int buf = 0;
+        for (int c0 = 0; c0 < r; c0 += BK) {
+            const bool next = c0 + BK < r;  // the same for the whole block
+            if (next) load_b(c0 + BK);      // in flight during the multiply
+            multiply(buf);
+            if (next) {
+                draw_a(c0 + BK);
+                stage(buf ^ 1);
+            }
+            __syncthreads();
+            buf ^= 1;
+        }
     }
 
+    // x = (mu' + e) + product in slot 0, x += product after; 4 columns (one Philox block) at a time
+    const bool first = slot == 0;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int row = ty * TM + i;
-        if (row < tlen) {
-            float* xr = x + row_s[row] * (long long)d;
+        if (row >= tlen) continue;
+        const long long s = row_s[row];
+        float* xr = x + s * (long long)d;
+        const float* mr = mu + seed_s[row] * (long long)d;
+        float e_all = 0.0f;  // mode "all": one normal for the whole row
+        if (first && sqrt_alpha > 0.0f && !diag) {
+            float z[4];
+            glag_block_normals((unsigned int)s, GLAG_DISPERSION_STREAM, 0u, k0, k1, z);
+            e_all = __fmul_rn(sqrt_alpha, z[0]);  // _rn: never fused into the add below
+        }
 #pragma unroll
-            for (int v = 0; v < NV; ++v)
+        for (int v = 0; v < NV; ++v) {
+            const int n = n0 + 64 * v + 4 * tx;
+            if (n >= d) continue;
+            float base[4];
+            if (first) {
+                float e[4] = {e_all, e_all, e_all, e_all};
+                if (sqrt_alpha > 0.0f && diag) {
+                    glag_block_normals((unsigned int)s, GLAG_DISPERSION_STREAM, (unsigned int)(n >> 2), k0, k1, e);
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const int n = n0 + 64 * v + 4 * tx + q;
-                    if (n < d) xr[n] += acc[i][4 * v + q];
+                    for (int q = 0; q < 4; ++q) e[q] = __fmul_rn(sqrt_alpha, e[q]);
                 }
+                if (vec) {
+                    const float4 m4 = *reinterpret_cast<const float4*>(mr + n);
+                    base[0] = m4.x + e[0];
+                    base[1] = m4.y + e[1];
+                    base[2] = m4.z + e[2];
+                    base[3] = m4.w + e[3];
+                } else {
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) base[q] = n + q < d ? mr[n + q] + e[q] : 0.0f;
+                }
+            } else if (vec) {
+                const float4 x4 = *reinterpret_cast<const float4*>(xr + n);
+                base[0] = x4.x;
+                base[1] = x4.y;
+                base[2] = x4.z;
+                base[3] = x4.w;
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) base[q] = n + q < d ? xr[n + q] : 0.0f;
+            }
+            if (vec) {
+                float4 o;
+                o.x = base[0] + acc[i][4 * v];
+                o.y = base[1] + acc[i][4 * v + 1];
+                o.z = base[2] + acc[i][4 * v + 2];
+                o.w = base[3] + acc[i][4 * v + 3];
+                *reinterpret_cast<float4*>(xr + n) = o;
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    if (n + q < d) xr[n + q] = base[q] + acc[i][4 * v + q];
+            }
         }
     }
 }
 
-#define GLAG_SLOT_GEMM_ARGS                                                                          \
+#define GLAG_SLOT_GEMM_ARGS                                                                               \
     const float *__restrict__ ft, const long long *__restrict__ offsets, const long long *__restrict__ rows, \
-        const long long *__restrict__ tiles, const long long *__restrict__ seed_of,                  \
-        const float *__restrict__ weights, int k, int slot, int d, unsigned int k0, unsigned int k1, \
-        float *__restrict__ x
+        const long long *__restrict__ row_seed, const long long *__restrict__ tiles,                      \
+        const float *__restrict__ weights, const float *__restrict__ mu, int k, int slot, int d,          \
+        unsigned int k0, unsigned int k1, float sqrt_alpha, int diag, int vec, float *__restrict__ x
+#define GLAG_SLOT_GEMM_CALL ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x
 
 // BN = 256 columns a block (d >= 256: each normal serves 256 FMAs per draw), BN = 64 for small d.
-extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<256>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x);
+// The register caps (128 and 64 a thread; no spills with NVRTC for sm_80 and sm_90) keep two and
+// four blocks an SM.
+extern "C" __global__ void __launch_bounds__(256, 2) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
+    glag_slot_gemm<256>(GLAG_SLOT_GEMM_CALL);
 }
 
-extern "C" __global__ void __launch_bounds__(256) glag_slot_gemm_bn64(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<64>(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x);
+extern "C" __global__ void __launch_bounds__(256, 4) glag_slot_gemm_bn64(GLAG_SLOT_GEMM_ARGS) {
+    glag_slot_gemm<64>(GLAG_SLOT_GEMM_CALL);
 }
 
 // Test hook: the normals of blocks (samples[i], stream, blocks[i], 0) -> out[i, 0..3].

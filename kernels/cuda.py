@@ -6,11 +6,14 @@ keeps one loaded copy per device). Tensors cross between torch and CuPy through 
 copy, and the kernels run on torch's current stream, so the result is ordered with the caller's
 torch work as usual.
 
-Work per call (METHOD.md, low-rank sampling): one ``glag_init_out`` launch (``x = mu' + e``),
-then for each slot one ``glag_slot_gemm_bn*`` launch over the tiles of samples grouped by their
-support class in that slot. The grouping is a few torch ops on the device, and the host never
-waits for them: each launch's grid is an upper bound on its tile count, and the blocks past the
-last tile return at once.
+Work per call (METHOD.md, low-rank sampling), all on torch's stream, the host never waiting for
+the device: three small plan kernels group every slot's samples by support class and cut the
+groups into 64-row tiles (``glag_plan_count``, ``glag_plan_tiles``, ``glag_plan_rows``), then one
+``glag_slot_gemm_bn*`` launch a slot. Slot 0 writes ``x = mu' + e + its product``, the later
+slots add theirs. Each GEMM's grid is an upper bound on its tile count (:func:`tile_bound`), and
+the blocks past the last tile return at once. A call is about ten launches (it was over a
+hundred torch ops when the grouping was done in torch, and the host time to launch them was
+longer than the GPU's work at CIFAR-100-LT size).
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("calibrated_sampler.cu")
 TILE_ROWS = 64  # BM of the kernels: samples a thread block
 THREADS = 256  # the kernels assume exactly 256 threads a block
-KERNELS = ("glag_init_out", "glag_slot_gemm_bn256", "glag_slot_gemm_bn64", "glag_block_normals_kernel")
+KERNELS = ("glag_plan_count", "glag_plan_tiles", "glag_plan_rows", "glag_slot_gemm_bn256", "glag_slot_gemm_bn64",
+           "glag_block_normals_kernel")
 
-__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "block_columns", "SOURCE"]
+__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "block_columns", "tile_bound", "SOURCE"]
 
 
 def block_columns(d: int) -> int:
@@ -72,6 +76,10 @@ def _kernels(device_index: int) -> dict:
     return kernels
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _cp(t: torch.Tensor):
     """Zero-copy CuPy view of a CUDA tensor (DLPack)."""
     return _cupy().from_dlpack(t)
@@ -106,44 +114,58 @@ class _on_torch_stream:
         self.dev.__exit__(*exc)
 
 
-def _slot_tiles(cls: torch.Tensor, counts: torch.Tensor, starts: torch.Tensor, ranks: torch.Tensor, n_total: int):
-    """For every slot at once: group its samples by support class and cut each group into 64-row tiles.
+def tile_bound(n_total: int, n_classes: int, m: int) -> int:
+    """Tiles a slot's GEMM grid is launched with: at least its number of tiles, without asking
+    the device (each class with samples adds at most one partial 64-row tile)."""
+    return n_total // TILE_ROWS + min(n_classes, m)
 
-    No device-to-host transfer, and the same few torch ops whatever k is: each slot's tile list
-    has a fixed length, an upper bound on its number of tiles, and the entries past its last
-    tile are empty (begin == end).
+
+def _grid(n_items: int) -> tuple[int]:
+    """Blocks of 256 threads for a grid-stride loop over ``n_items``."""
+    return (max(1, min((n_items + THREADS - 1) // THREADS, 4096)),)
+
+
+def placeholder_slot(m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(support, weights, offsets) for k = 0: one slot whose class has rank 0, so the slot-0
+    GEMM writes x = mu' + e with an empty product. (m, 1) int64 zeros, (m, 1) float32 zeros, [0, 0]."""
+    return (torch.zeros((m, 1), dtype=torch.int64, device=device), torch.zeros((m, 1), dtype=torch.float32, device=device),
+            torch.zeros(2, dtype=torch.int64, device=device))
+
+
+def plan_cuda(support: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, n_total: int):
+    """Every slot's samples grouped by support class, and its tiles (the plan kernels).
 
     Args:
-        cls: (k, m) int64, support class of each seed row in each slot (``support.T``).
-        counts, starts: (m,) int64.   ranks: (C,) int64 r_j (on the device).   n_total: N = counts.sum().
+        support: (m, k) int64, counts: (m,) int64, offsets: (C+1,) int64, all contiguous on one
+            GPU; n_total: N = counts.sum().
     Returns:
-        rows (k, N) int64: per slot, the sample ids ordered by class; tiles (k, T, 3) int64: per
-        slot, (class, begin, end) over that slot's ``rows``, only for classes with r_j > 0, then
-        empty tiles up to T = N // 64 + min(C, m) (each class with samples adds at most one
-        partial tile).
+        rows, row_seed (k, N) int64: per slot, the sample ids grouped by class (class ids in
+        increasing order; within a class in no fixed order) and the seed row of each; tiles
+        (k, T, 3) int64: per slot, (class, begin, end) over that slot's ``rows``, at most 64
+        apart, for every class with samples (after slot 0 only those with r_j > 0), then empty
+        tiles (0, 0, 0) up to T = :func:`tile_bound`.
     """
-    dev = cls.device
-    k, m = cls.shape
-    n_classes = ranks.numel()
-    order = torch.argsort(cls, dim=1, stable=True)
-    cnt_o = counts[order]  # (k, m)
-    # sample ids: for each seed row in ``order``, starts[i] .. starts[i] + counts[i] - 1
-    pos_o = torch.cumsum(cnt_o, 1) - cnt_o  # where each ordered seed row begins in its slot's ``rows``
-    shift = torch.repeat_interleave((starts[order] - pos_o).flatten(), cnt_o.flatten(), output_size=k * n_total)
-    rows = (torch.arange(n_total, device=dev).repeat(k) + shift).view(k, n_total)
-    per_class = torch.zeros(k, n_classes, dtype=torch.int64, device=dev).scatter_add_(1, cls, counts.expand(k, m))
-    ptr = torch.cumsum(per_class, 1) - per_class
-    per_class = torch.where(ranks > 0, per_class, torch.zeros_like(per_class))
-    n_tiles = (per_class + TILE_ROWS - 1) // TILE_ROWS
-    last_tile = torch.cumsum(n_tiles, 1)  # one past each class's last tile
-    bound = n_total // TILE_ROWS + min(n_classes, m)
-    t = torch.arange(bound, device=dev).expand(k, bound).contiguous()
-    tile_cls = torch.searchsorted(last_tile, t, right=True)  # n_classes past the last tile
-    j = tile_cls.clamp(max=n_classes - 1)
-    ptr_j, cnt_j = ptr.gather(1, j), per_class.gather(1, j)
-    begin = ptr_j + (t - (last_tile.gather(1, j) - n_tiles.gather(1, j))) * TILE_ROWS
-    end = torch.where(tile_cls < n_classes, torch.minimum(begin + TILE_ROWS, ptr_j + cnt_j), begin)
-    return rows, torch.stack([j, begin, end], dim=2).contiguous()
+    device = support.device
+    m, k = support.shape
+    n_classes = offsets.numel() - 1
+    bound = tile_bound(n_total, n_classes, m)
+    hist = torch.zeros((k, n_classes), dtype=torch.int64, device=device)  # uint64 in the kernels
+    cursor = torch.empty_like(hist)
+    tiles = torch.empty((k, bound, 3), dtype=torch.int64, device=device)
+    rows = torch.empty((k, n_total), dtype=torch.int64, device=device)
+    row_seed = torch.empty_like(rows)
+    ends = torch.cumsum(counts, 0)
+    kern = _kernels(_device_index(device))
+    sup_c, cnt_c, cursor_c = _cp(support), _cp(counts), _cp(cursor)
+    with _on_torch_stream(device):
+        kern["glag_plan_count"](_grid(m * k), (THREADS,), (
+            sup_c, cnt_c, np.int64(m), np.int32(k), np.int32(n_classes), _cp(hist)))
+        kern["glag_plan_tiles"]((k,), (THREADS,), (
+            _cp(hist), _cp(offsets), np.int32(n_classes), np.int64(bound), cursor_c, _cp(tiles)))
+        kern["glag_plan_rows"](_grid(m * k), (THREADS,), (
+            sup_c, cnt_c, _cp(ends), np.int64(m), np.int32(k), np.int32(n_classes),
+            np.int64(n_total), cursor_c, _cp(rows), _cp(row_seed)))
+    return rows, row_seed, tiles
 
 
 def sample_cuda(
@@ -162,44 +184,32 @@ def sample_cuda(
 
     Args:
         bank_t: (R, d) float32 contiguous CUDA tensor, rows ``offsets[j]:offsets[j+1]`` = F_j^T.
-        offsets: (C+1,) int64 (any device).  mu: (m, d) float32.  support: (m, k) int64.
-        weights: (m, k) float32.  counts: (m,) int64.  All CUDA, contiguous, on one device.
+        offsets: (C+1,) int64 (any device; pass it on the GPU to save a copy).  mu: (m, d) float32.
+        support: (m, k) int64.  weights: (m, k) float32.  counts: (m,) int64.  All CUDA,
+        contiguous, on one device.
         out: (N, d) float32 contiguous CUDA tensor, N = counts.sum() < 2^32.
         alpha, mode, seed: as in :func:`glag.sampling.sample_calibrated`.
     """
     device = mu.device
     m, d = mu.shape
-    k = support.shape[1]
     n_total = out.shape[0]
     k0, k1 = seed_key(seed)
-    dev_index = device.index if device.index is not None else torch.cuda.current_device()
-    kern = _kernels(dev_index)
-    offsets_d = offsets.to(device=device, dtype=torch.int64).contiguous()
-    ranks = offsets_d.diff()
-    starts = torch.cumsum(counts, 0) - counts
-    seed_of = torch.repeat_interleave(torch.arange(m, device=device), counts, output_size=n_total)
-    sqrt_alpha = float(np.sqrt(alpha)) if alpha > 0 else 0.0
-
+    offsets = offsets.to(device=device, dtype=torch.int64).contiguous()
+    if support.shape[1] == 0:
+        support, weights, offsets = placeholder_slot(m, device)
+    k = support.shape[1]
+    rows, row_seed, tiles = plan_cuda(support, counts, offsets, n_total)
+    bn = block_columns(d)
+    gemm = _kernels(_device_index(device))[f"glag_slot_gemm_bn{bn}"]
+    vec = d % 4 == 0 and out.data_ptr() % 16 == 0 and mu.data_ptr() % 16 == 0  # float4 epilogue
+    ft_c, off_c, rows_c, seed_c, tiles_c = map(_cp, (bank_t, offsets, rows, row_seed, tiles))
+    head = (_cp(weights), _cp(mu), np.int32(k))
+    tail = (np.int32(d), np.uint32(k0), np.uint32(k1), np.float32(np.sqrt(alpha) if alpha > 0 else 0.0),
+            np.int32(mode == "diag"), np.int32(vec), _cp(out))
     with _on_torch_stream(device):
-        total = n_total * ((d + 3) // 4)
-        grid = int(min((total + THREADS - 1) // THREADS, 65535 * 8))
-        kern["glag_init_out"](
-            (max(grid, 1),), (THREADS,),
-            (_cp(out), _cp(mu), _cp(seed_of), np.int64(n_total), np.int32(d),
-             np.uint32(k0), np.uint32(k1), np.float32(sqrt_alpha), np.int32(mode == "diag")),
-        )
-        bn = block_columns(d)
-        gemm = kern[f"glag_slot_gemm_bn{bn}"]
-        if k == 0:
-            return
-        rows, tiles = _slot_tiles(support.t(), counts, starts, ranks, n_total)
-        ft_c, offsets_c, seed_of_c, weights_c, out_c = map(_cp, (bank_t, offsets_d, seed_of, weights, out))
         for slot in range(k):  # one launch a slot: each output element has one writer a launch
-            gemm(
-                (tiles.shape[1], (d + bn - 1) // bn), (THREADS,),
-                (ft_c, offsets_c, _cp(rows[slot]), _cp(tiles[slot]), seed_of_c, weights_c, np.int32(k),
-                 np.int32(slot), np.int32(d), np.uint32(k0), np.uint32(k1), out_c),
-            )
+            gemm((tiles.shape[1], (d + bn - 1) // bn), (THREADS,),
+                 (ft_c, off_c, rows_c[slot], seed_c[slot], tiles_c[slot], *head, np.int32(slot), *tail))
 
 
 def block_normals_cuda(seed: int, samples: torch.Tensor, stream: int, blocks: torch.Tensor) -> torch.Tensor:
@@ -209,7 +219,7 @@ def block_normals_cuda(seed: int, samples: torch.Tensor, stream: int, blocks: to
     blocks = blocks.to(device=device, dtype=torch.int64).expand_as(samples).contiguous()
     out = torch.empty((samples.numel(), 4), dtype=torch.float32, device=device)
     k0, k1 = seed_key(seed)
-    kern = _kernels(device.index)
+    kern = _kernels(_device_index(device))
     n = samples.numel()
     with _on_torch_stream(device):
         kern["glag_block_normals_kernel"](

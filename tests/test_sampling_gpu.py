@@ -43,9 +43,13 @@ static inline void __syncthreads() { glag_emu_barrier->arrive_and_wait(); }
 static inline unsigned int __umulhi(unsigned int a, unsigned int b) {
     return (unsigned int)(((unsigned long long)a * b) >> 32);
 }
+static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 struct alignas(16) float4 { float x, y, z, w; };
+static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
 #include "calibrated_sampler.cu"
 template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F body) {
     gridDim = {gx, gy, 1};
@@ -61,21 +65,26 @@ template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F bo
             for (auto& th : threads) th.join();
         }
 }
-extern "C" void emu_init_out(float* x, const float* mu, const long long* seed_of, long long n, int d,
-                             unsigned int k0, unsigned int k1, float sqrt_alpha, int diag, unsigned int grid) {
-    emu_launch(grid, 1, [&] { glag_init_out(x, mu, seed_of, n, d, k0, k1, sqrt_alpha, diag); });
+extern "C" void emu_plan(const long long* support, const long long* counts, const long long* ends, long long m,
+                         int k, const long long* offsets, int n_classes, long long n, long long bound,
+                         unsigned long long* hist, unsigned long long* cursor, long long* tiles, long long* rows,
+                         long long* row_seed, unsigned int grid) {
+    emu_launch(grid, 1, [&] { glag_plan_count(support, counts, m, k, n_classes, hist); });
+    emu_launch((unsigned int)k, 1, [&] { glag_plan_tiles(hist, offsets, n_classes, bound, cursor, tiles); });
+    emu_launch(grid, 1, [&] {
+        glag_plan_rows(support, counts, ends, m, k, n_classes, n, cursor, rows, row_seed); });
 }
-extern "C" void emu_slot_gemm(int bn, const float* ft, const long long* offsets, const long long* rows,
-                              const long long* tiles, long long n_tiles, const long long* seed_of,
-                              const float* weights, int k, int slot, int d, unsigned int k0, unsigned int k1,
-                              float* x) {
+extern "C" void emu_slot_gemm(int bn, long long n_tiles, const float* ft, const long long* offsets,
+                              const long long* rows, const long long* row_seed, const long long* tiles,
+                              const float* weights, const float* mu, int k, int slot, int d, unsigned int k0,
+                              unsigned int k1, float sqrt_alpha, int diag, int vec, float* x) {
     const unsigned int gy = (unsigned int)((d + bn - 1) / bn);
     if (bn == 256)
-        emu_launch((unsigned int)n_tiles, gy, [&] {
-            glag_slot_gemm_bn256(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
+        emu_launch((unsigned int)n_tiles, gy, [&] { glag_slot_gemm_bn256(
+            ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x); });
     else
-        emu_launch((unsigned int)n_tiles, gy, [&] {
-            glag_slot_gemm_bn64(ft, offsets, rows, tiles, seed_of, weights, k, slot, d, k0, k1, x); });
+        emu_launch((unsigned int)n_tiles, gy, [&] { glag_slot_gemm_bn64(
+            ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x); });
 }
 """
 
@@ -108,72 +117,97 @@ def emulator(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed):
-    """The host side of kernels/cuda.py (same tiling helper), with the kernels run on the CPU."""
-    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+def _ptr(a):
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def _emulated_plan(lib, support, counts, offsets, grid=2):
+    """kernels/cuda.py ``plan_cuda`` with the plan kernels run on the CPU: rows, row_seed, tiles."""
+    support, counts, offsets = (np.ascontiguousarray(t.numpy(), np.int64) for t in (support, counts, offsets))
+    (m, k), n_classes, n = support.shape, len(offsets) - 1, int(counts.sum())
+    bound = kcuda.tile_bound(n, n_classes, m)
+    hist, cursor = np.zeros((k, n_classes), np.uint64), np.empty((k, n_classes), np.uint64)
+    tiles = np.empty((k, bound, 3), np.int64)
+    rows, row_seed = np.empty((k, n), np.int64), np.empty((k, n), np.int64)
+    lib.emu_plan(_ptr(support), _ptr(counts), _ptr(np.cumsum(counts)), ctypes.c_longlong(m), ctypes.c_int(k),
+                 _ptr(offsets), ctypes.c_int(n_classes), ctypes.c_longlong(n), ctypes.c_longlong(bound),
+                 _ptr(hist), _ptr(cursor), _ptr(tiles), _ptr(rows), _ptr(row_seed), ctypes.c_uint(grid))
+    return rows, row_seed, tiles
+
+
+def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed, misalign=False):
+    """The host side of kernels/cuda.py ``sample_cuda``, with the kernels run on the CPU.
+    ``misalign``: x starts 4 bytes past a 16-byte boundary (the scalar epilogue at d % 4 == 0)."""
     m, d = mu.shape
-    k = support.shape[1]
     n = int(counts.sum())
+    offsets = bank.offsets
+    if support.shape[1] == 0:
+        support, w, offsets = kcuda.placeholder_slot(m, "cpu")
+    k = support.shape[1]
     ft = bank.transposed("cpu").numpy()
-    off = bank.offsets.numpy()
-    seed_of = torch.repeat_interleave(torch.arange(m), counts).numpy()
-    mu_n, w_n = mu.numpy(), w.numpy()
-    x = np.empty((n, d), np.float32)
+    mu_n, w_n, off_n = mu.numpy(), np.ascontiguousarray(w.numpy()), offsets.numpy()
+    storage = np.empty(n * d + 8, np.float32)
+    first = (-storage.ctypes.data // 4) % 4 + (1 if misalign else 0)
+    x = storage[first:first + n * d].reshape(n, d)
+    vec = d % 4 == 0 and x.ctypes.data % 16 == 0 and mu_n.ctypes.data % 16 == 0
+    assert vec != misalign or d % 4 != 0
     k0, k1 = reference.seed_key(seed)
-    grid = min((n * ((d + 3) // 4) + 255) // 256, 3)  # a small grid: the grid-stride loop runs
-    lib.emu_init_out(ptr(x), ptr(mu_n), ptr(seed_of), ctypes.c_longlong(n), ctypes.c_int(d),
-                     ctypes.c_uint(k0), ctypes.c_uint(k1), ctypes.c_float(alpha**0.5), ctypes.c_int(mode == "diag"),
-                     ctypes.c_uint(grid))
-    starts = torch.cumsum(counts, 0) - counts
     bn = kcuda.block_columns(d)
-    rows, tiles = kcuda._slot_tiles(support.t(), counts, starts, bank.ranks, n)
+    rows, row_seed, tiles = _emulated_plan(lib, support, counts, offsets)
     for slot in range(k):
-        rows_s, tiles_s = rows[slot].numpy(), tiles[slot].numpy()
-        lib.emu_slot_gemm(ctypes.c_int(bn), ptr(ft), ptr(off), ptr(rows_s), ptr(tiles_s),
-                          ctypes.c_longlong(len(tiles_s)), ptr(seed_of), ptr(w_n), ctypes.c_int(k), ctypes.c_int(slot),
-                          ctypes.c_int(d), ctypes.c_uint(k0), ctypes.c_uint(k1), ptr(x))
-    return torch.from_numpy(x)
+        lib.emu_slot_gemm(ctypes.c_int(bn), ctypes.c_longlong(tiles.shape[1]), _ptr(ft), _ptr(off_n),
+                          _ptr(rows[slot]), _ptr(row_seed[slot]), _ptr(tiles[slot]), _ptr(w_n), _ptr(mu_n),
+                          ctypes.c_int(k), ctypes.c_int(slot), ctypes.c_int(d), ctypes.c_uint(k0), ctypes.c_uint(k1),
+                          ctypes.c_float(alpha**0.5), ctypes.c_int(mode == "diag"), ctypes.c_int(vec), _ptr(x))
+    return torch.from_numpy(x.copy())
 
 
-@pytest.mark.parametrize("d,mode,alpha", [(37, "all", 0.1), (300, "diag", 0.2)])
-def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, mode, alpha):
-    """BN = 64 (d = 37) and BN = 256 (d = 300, two column blocks); tiles of 64 rows, partial tiles,
-    empty tiles padding the grid, r = 0 / r < 16 / r not a multiple of 16 / r = d, a seed row with
-    no samples."""
-    bank, mu, support, w, counts, labels = _problem(d, ns=(1, 5, 20, 37, 70, 400), m=6, k=3,
+@pytest.mark.parametrize("d,k,mode,alpha,misalign", [
+    (37, 3, "all", 0.1, False), (300, 3, "diag", 0.2, False), (300, 2, "diag", 0.2, True), (300, 0, "diag", 0.3, False),
+])
+def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, k, mode, alpha, misalign):
+    """BN = 64 (d = 37, scalar epilogue) and BN = 256 (d = 300, two column blocks, float4 epilogue;
+    scalar with x misaligned); tiles of 64 rows, partial tiles, empty tiles padding the grid,
+    r = 0 / r < 16 / r not a multiple of 16 / r = d, a seed row with no samples, k = 0 (x = mu' + e
+    from the placeholder slot)."""
+    bank, mu, support, w, counts, labels = _problem(d, ns=(1, 5, 20, 37, 70, 400), m=6, k=k,
                                                     counts=[0, 3, 70, 1, 130, 9])
-    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5)
+    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5, misalign=misalign)
     xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, 2**33 + 5, backend="torch")
     assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_slot_tiles_cover_each_sample_once_and_pad_with_empty_tiles(seed):
-    """The tile lists of all slots at once (fixed length, no host wait): in each slot, every sample
-    whose class has r_j > 0 in exactly one tile of its class, tiles of <= 64 rows, then only
-    empty tiles."""
+def test_plan_groups_each_sample_once_and_pads_with_empty_tiles(emulator, seed):
+    """The plan kernels (emulated; two blocks, so the grid-stride loops turn): in each slot, rows
+    is every sample once, grouped by class in increasing order, row_seed its seed row; every
+    sample in exactly one tile of its class (after slot 0 only classes with r_j > 0), tiles of
+    <= 64 rows, then only empty tiles up to the bound."""
     g = torch.Generator().manual_seed(seed)
     n_classes, m, k = 9, 40, 3
     ranks = torch.randint(0, 3, (n_classes,), generator=g) * torch.randint(1, 50, (n_classes,), generator=g)
-    cls = torch.randint(0, n_classes, (k, m), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(ranks, 0)])
+    support = torch.randint(0, n_classes, (m, k), generator=g)
     counts = torch.randint(0, 200, (m,), generator=g) * (torch.rand(m, generator=g) < 0.8)
-    starts = torch.cumsum(counts, 0) - counts
     n = int(counts.sum())
-    rows, tiles = kcuda._slot_tiles(cls, counts, starts, ranks, n)
-    assert rows.shape == (k, n) and tiles.shape == (k, n // kcuda.TILE_ROWS + min(n_classes, m), 3)
-    seed_of = torch.repeat_interleave(torch.arange(m), counts)
+    rows, row_seed, tiles = _emulated_plan(emulator, support, counts, offsets)
+    assert tiles.shape == (k, kcuda.tile_bound(n, n_classes, m), 3)
+    seed_of = np.repeat(np.arange(m), counts.numpy())
     for slot in range(k):
-        rows_s, tiles_s = rows[slot], tiles[slot]
+        rows_s, tiles_s, cls = rows[slot], tiles[slot], support[:, slot].numpy()
         assert sorted(rows_s.tolist()) == list(range(n))
+        assert np.array_equal(row_seed[slot], seed_of[rows_s])
+        assert np.all(np.diff(cls[row_seed[slot]]) >= 0)  # grouped by class, in class order
         lengths = tiles_s[:, 2] - tiles_s[:, 1]
         assert ((lengths >= 0) & (lengths <= kcuda.TILE_ROWS)).all()
         n_real = int((lengths > 0).sum())
-        assert (lengths[:n_real] > 0).all() and (lengths[n_real:] == 0).all()
-        covered = [rows_s[b:e] for _, b, e in tiles_s[:n_real].tolist()]
-        for (j, b, e), part in zip(tiles_s[:n_real].tolist(), covered):
-            assert (cls[slot, seed_of[part]] == j).all() and ranks[j] > 0
-        expected = torch.nonzero(ranks[cls[slot, seed_of]] > 0).flatten()
-        assert sorted(torch.cat(covered).tolist() if covered else []) == expected.tolist()
+        assert (lengths[:n_real] > 0).all() and (lengths[n_real:] == 0).all() and (tiles_s[n_real:] == 0).all()
+        covered = []
+        for j, b, e in tiles_s[:n_real].tolist():
+            assert (cls[row_seed[slot][b:e]] == j).all() and (slot == 0 or ranks[j] > 0)
+            covered += rows_s[b:e].tolist()
+        expected = np.flatnonzero((ranks.numpy()[cls[seed_of]] > 0) | (slot == 0))
+        assert sorted(covered) == expected.tolist()
 
 
 # ------------------------------------------------------------------ on a GPU
@@ -191,7 +225,7 @@ def test_cuda_normals_match_reference():
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("d", [13, 64, 300, 2048])
-@pytest.mark.parametrize("k,mode,alpha", [(1, "all", 0.0), (2, "all", 0.1), (3, "diag", 0.2)])
+@pytest.mark.parametrize("k,mode,alpha", [(0, "diag", 0.3), (1, "all", 0.0), (2, "all", 0.1), (3, "diag", 0.2)])
 def test_cuda_matches_reference(d, k, mode, alpha):
     bank, mu, support, w, counts, labels = _problem(d, ns=(1, 6, 17, d, d + 40, 80), m=7, k=k,
                                                     counts=[0, 3, 70, 1, 130, 9, 64])
@@ -241,8 +275,8 @@ def test_cuda_with_cpu_inputs_returns_cpu_and_auto_prefers_cuda(monkeypatch):
 @gpu
 @needs_gpu
 def test_cuda_out_buffer_in_place_and_across_devices():
-    """``out=`` on the GPU: written in place (a row slice of a bigger buffer, the rest untouched);
-    CPU inputs with the cuda backend: computed on the GPU and copied into the CPU ``out``."""
+    """``out=`` on the GPU: written in place (a row slice of a bigger buffer, the rest untouched;
+    a slice that is not 16-byte aligned); CPU inputs with the cuda backend: computed on the GPU and copied into the CPU ``out``."""
     bank, mu, support, w, counts, labels = _problem(40, ns=(5, 30, 60), m=5, k=2, counts=[10, 0, 5, 7, 300])
     n = int(counts.sum())
     dev = torch.device("cuda")
@@ -253,6 +287,9 @@ def test_cuda_out_buffer_in_place_and_across_devices():
     xo, _ = sample_calibrated(bank_gpu, *args, alpha=0.1, mode="diag", seed=4, backend="cuda", out=buf[2:2 + n])
     assert xo.data_ptr() == buf[2:2 + n].data_ptr() and torch.equal(xo, x)
     assert (buf[:2] == -7.0).all() and (buf[2 + n:] == -7.0).all()
+    odd = buf.view(-1)[1:1 + n * 40].view(n, 40)  # 4 bytes past a 16-byte boundary: scalar epilogue
+    xs, _ = sample_calibrated(bank_gpu, *args, alpha=0.1, mode="diag", seed=4, backend="cuda", out=odd)
+    assert xs.data_ptr() % 16 == 4 and torch.equal(xs, x)
     cpu_out = torch.empty(n, 40)
     xc, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "diag", 4, backend="cuda", out=cpu_out)
     assert xc.data_ptr() == cpu_out.data_ptr() and torch.equal(xc, x.cpu())
