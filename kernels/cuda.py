@@ -11,7 +11,7 @@ the device: three small plan kernels group every slot's samples by support class
 groups into 64-row tiles (``glag_plan_count``, ``glag_plan_tiles``, ``glag_plan_rows``), then one
 ``glag_slot_gemm_bn*`` launch a slot. Slot 0 writes ``x = mu' + e + its product``, the later
 slots add theirs. Each GEMM's grid is an upper bound on its tile count (:func:`tile_bound`), and
-the blocks past the last tile return at once. A call is about ten launches (it was over a
+the blocks past the last tile return at once. A call launches about ten kernels (it was over a
 hundred torch ops when the grouping was done in torch, and the host time to launch them was
 longer than the GPU's work at CIFAR-100-LT size).
 """
