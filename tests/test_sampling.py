@@ -89,20 +89,43 @@ def test_factor_bank_packs_factors():
 
 
 # ------------------------------------------------------------------ moments (10^5 samples)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def bench_lowrank(bank, mu, support, w, counts, labels, alpha, mode, graph=False):
+    """The benchmark's plain-torch low-rank baseline (glag-bench ``torch-lowrank``, or with
+    ``graph`` its CUDA-graph replay) on these inputs: (x, its run function)."""
+    from glag.tools import bench_kernel
+
+    job = bench_kernel.Job("test", mu.shape[1], support.shape[1], bank, mu, support, w, counts, labels,
+                           int(counts.sum()), len(counts), alpha, mode)
+    run = bench_kernel.make_lowrank(job, graph=graph)
+    if graph:
+        run()
+        return run.out, run
+    seed_of, groups = bench_kernel.lowrank_plan(job)
+    out = torch.empty(job.n, job.d, device=mu.device)
+    return bench_kernel.lowrank_draw(job, out, seed_of, groups), run
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["bench-lowrank"])
 @pytest.mark.parametrize("mode,alpha", [("all", 0.0), ("all", 0.1), ("diag", 0.1)])
 def test_moments_match_calibrated_mean_and_covariance(backend, mode, alpha):
     """1e5 samples of one seed row: mean -> mu', covariance -> Sigma', within statistical error.
 
     Support: one class with n_c > d (Cholesky factor), one with n_c <= d (centred data).
+    ``bench-lowrank``: the benchmark's plain-torch baseline draws from the same distribution.
     """
     d, n = 6, 100_000
     bank, mu, _, _, _, _, _ = _problem(d=d, ns=(40, 4), m=1)
     support = torch.tensor([[0, 1]])
     w = torch.tensor([[0.7, 0.3]])
-    x, y = sample_calibrated(bank, mu, support, w, torch.tensor([n]), torch.tensor([9]),
-                             alpha=alpha, mode=mode, seed=123, backend=backend)
-    assert x.shape == (n, d) and (y == 9).all()
+    if backend == "bench-lowrank":
+        torch.manual_seed(0)
+        x, run = bench_lowrank(bank, mu, support, w, torch.tensor([n]), torch.tensor([9]), alpha, mode)
+        assert run() == n
+    else:
+        x, y = sample_calibrated(bank, mu, support, w, torch.tensor([n]), torch.tensor([9]),
+                                 alpha=alpha, mode=mode, seed=123, backend=backend)
+        assert (y == 9).all()
+    assert x.shape == (n, d)
     cov = _dense_cov(bank, support[0], w[0], alpha, mode, d).numpy()
     xs = x.double().numpy()
     se = np.sqrt(np.diag(cov) / n)
@@ -380,3 +403,9 @@ def test_bench_kernel_tiny_run(tmp_path):
     assert res["settings"]["settle_s"] == 0.01
     assert methods["glag-numba"]["samples_per_s"] > 0 and "speedup" in methods["glag-numba"]
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_lowrank_graph_needs_cuda():
+    bank, mu, support, w, counts, labels, _ = _problem()
+    with pytest.raises(ValueError, match="CUDA graphs are GPU-only"):
+        bench_lowrank(bank, mu, support, w, counts, labels, 0.1, "diag", graph=True)

@@ -240,13 +240,23 @@ def test_cuda_matches_reference(d, k, mode, alpha):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("sampler", ["cuda", "bench-lowrank-graph"])
 @pytest.mark.parametrize("mode,alpha", [("all", 0.1), ("diag", 0.1)])
-def test_cuda_moments(mode, alpha):
+def test_cuda_moments(sampler, mode, alpha):
+    """Mean and covariance of 1e5 samples, as in the CPU test; ``bench-lowrank-graph``: the
+    benchmark's CUDA-graph baseline draws the same distribution, fresh normals each replay."""
     d, n = 6, 100_000
     bank, mu, _, _, _, _ = _problem(d, ns=(40, 4), m=1, k=2, counts=[n])
     support, w = torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]])
-    x, _ = sample_calibrated(bank, mu.cuda(), support.cuda(), w.cuda(), torch.tensor([n]).cuda(),
-                             torch.tensor([0]).cuda(), alpha, mode, seed=1, backend="cuda")
+    args = (mu.cuda(), support.cuda(), w.cuda(), torch.tensor([n]).cuda(), torch.tensor([0]).cuda(), alpha, mode)
+    if sampler == "cuda":
+        x, _ = sample_calibrated(bank, *args, seed=1, backend="cuda")
+    else:
+        from test_sampling import bench_lowrank
+
+        x, run = bench_lowrank(FactorBank(bank.data.cuda(), bank.offsets), *args, graph=True)
+        first = x.clone()
+        assert run() == n and not torch.equal(first, x)  # a replay draws new normals
     cov = torch.zeros(d, d, dtype=torch.float64)
     for j, wj in zip([0, 1], [0.7, 0.3]):
         f = bank.factor(j).double()
