@@ -288,13 +288,13 @@ def make_lowrank(job: Job, tf32: bool = False, graph: bool = False):
     seed_of, groups = lowrank_plan(job)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(2):
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires, and on
+        for _ in range(2):          # the capture's own stream (cuBLAS sets up per stream, not mid-capture)
             lowrank_draw(job, buf, seed_of, groups)
-    torch.cuda.current_stream(device).wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=side):
         lowrank_draw(job, buf, seed_of, groups)
+    torch.cuda.current_stream(device).wait_stream(side)
     n = seed_of.numel()
 
     def run_graph():

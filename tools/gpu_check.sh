@@ -9,7 +9,8 @@
 # 2. the sampler tests, GPU ones included (tests/test_sampling_gpu.py, marked gpu), plus the CPU
 #    ones: cuda vs the float64 reference and vs numba, moments, CPU-input round trip
 # 3. glag-bench --device cuda on cifar100-lt and imagenet-lt, d = 2048 / 512 / 64 (the target
-#    first), k = 3: glag-cuda against torch (float32 and TF32), with % of the FP32 peak
+#    first), k = 3: glag-cuda against torch (float32 eager, float32 replayed from a CUDA graph,
+#    and TF32), with % of the FP32 peak
 # 4. compute-sanitizer memcheck on a small call, when the tool is there (some hosts refuse it)
 # Everything is logged to $OUT/gpu_check.log (or ./gpu_check_out/ when OUT is unset), with the
 # benchmark's JSON and plot beside it. Exit status: non-zero if a step failed.
