@@ -26,9 +26,10 @@ amount of work, and times on the same job:
                     GEMMs do); ``glag-<backend>-fresh`` (CPU): the same with a new output every
                     call, whose pages the OS must map and zero each time;
 * ``gemm-*``        this machine's float32 GEMM rate on exactly the (rows x r_j) @ (r_j x d)
-                    products of the job: whole groups in torch (``gemm-torch``) and numpy
-                    (``gemm-numpy``), and the numba backend's own tiles with one single-threaded
-                    BLAS call per thread (``gemm-tiles``); the best of them is the ceiling.
+                    products of the job: whole groups in torch (``gemm-torch``; on a GPU also
+                    replayed from a CUDA graph, ``gemm-torch-graph``) and numpy (``gemm-numpy``),
+                    and the numba backend's own tiles with one single-threaded BLAS call per
+                    thread (``gemm-tiles``); the best of them is the ceiling.
 
 FLOPs are the useful ones, 2 r_j d per sample and slot. Every timing is the fastest call of
 ``--repeats`` rounds, the methods interleaved so they share the machine's load, with a short sleep
@@ -283,26 +284,39 @@ def make_lowrank(job: Job, tf32: bool = False, graph: bool = False):
             return lowrank_draw(job, buf, seed_of, groups).shape[0]
         return run
 
-    if device.type != "cuda":
-        raise ValueError(f"make_lowrank(graph=True) needs a CUDA job, not {device}: CUDA graphs are GPU-only")
     seed_of, groups = lowrank_plan(job)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires, and on
-        for _ in range(2):          # the capture's own stream (cuBLAS sets up per stream, not mid-capture)
-            lowrank_draw(job, buf, seed_of, groups)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=side):
-        lowrank_draw(job, buf, seed_of, groups)
-    torch.cuda.current_stream(device).wait_stream(side)
+    replay = graph_replay(lambda: lowrank_draw(job, buf, seed_of, groups), device, "make_lowrank(graph=True)")
     n = seed_of.numel()
 
     def run_graph():
-        g.replay()
+        replay()
         return n
-    run_graph.graph = g  # keeps the graph (and its memory pool) alive with the method
-    run_graph.out = buf[:n]
+    run_graph.out = buf[:n]  # what each replay draws
     return run_graph
+
+
+def graph_replay(fn, device, what: str):
+    """``fn`` (CUDA work, no host sync) captured once in a CUDA graph: returns a function that
+    replays it (the graph kept on it as ``.graph``). Warmed up twice first on the capture's
+    own stream, as capture requires (cuBLAS sets itself up per stream, which it cannot do
+    mid-capture). Random ops drawn in ``fn`` draw new numbers at every replay."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"{what} needs a CUDA job, not {device}: CUDA graphs are GPU-only")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+    def replay():
+        g.replay()
+    replay.graph = g  # keeps the graph and its memory pool alive with the method
+    return replay
 
 
 def make_glag(job: Job, backend: str, fresh: bool = False):
@@ -320,8 +334,11 @@ def make_glag(job: Job, backend: str, fresh: bool = False):
     return run
 
 
-def make_gemm(job: Job, lib: str):
-    """The job's GEMMs alone, (rows of group) x r_j @ r_j x d, in torch or numpy: the ceiling."""
+def make_gemm(job: Job, lib: str, graph: bool = False):
+    """The job's GEMMs alone, (rows of group) x r_j @ r_j x d, in torch or numpy: the ceiling.
+
+    ``graph`` (torch on a GPU): the matmuls replayed from a CUDA graph, so that the ceiling is
+    the GPU's rate and not the rate at which the host launches a hundred or more matmuls."""
     device = job.mu.device
     bank_t = job.bank.transposed(device)
     off = job.bank.offsets.tolist()
@@ -347,6 +364,9 @@ def make_gemm(job: Job, lib: str):
         for a, b, y in ops:
             (torch.matmul if lib == "torch" else np.matmul)(a, b, out=y)
         return job.n
+    if graph:
+        replay = graph_replay(run, device, "make_gemm(graph=True)")
+        return lambda: (replay(), job.n)[1]
     return run
 
 
@@ -441,6 +461,8 @@ def run_config(job: Job, args, backends, progress) -> dict:
     if device.type == "cuda":
         methods["torch-lowrank-tf32"] = make_lowrank(job, tf32=True)
     methods["gemm-torch"] = make_gemm(job, "torch")
+    if device.type == "cuda":
+        methods["gemm-torch-graph"] = make_gemm(job, "torch", graph=True)
     if device.type == "cpu":
         methods["gemm-numpy"] = make_gemm(job, "numpy")
         if "numba" in backends:  # the numba backend's own tiles, per-thread BLAS: its ceiling
