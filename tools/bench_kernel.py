@@ -575,18 +575,25 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     profiles = sorted({r["profile"] for r in results}, key=PROFILES.index)
-    fig, axes = plt.subplots(1, len(profiles), figsize=(5 * len(profiles), 4), squeeze=False)
-    for ax, prof in zip(axes[0], profiles):
-        rs = [r for r in results if r["profile"] == prof]
-        k = max(r["k"] for r in rs)
-        rs = sorted((r for r in rs if r["k"] == k), key=lambda r: r["d"])
-        for name in rs[0]["methods"]:
-            if name.startswith("gemm-"):
+    ks = sorted({r["k"] for r in results})
+    fig, axes = plt.subplots(len(ks), len(profiles), figsize=(5 * len(profiles), 4 * len(ks)), squeeze=False)
+    for row, k in enumerate(ks):
+        for ax, prof in zip(axes[row], profiles):
+            rs = sorted((r for r in results if r["profile"] == prof and r["k"] == k), key=lambda r: r["d"])
+            if not rs:
+                ax.set_visible(False)
                 continue
-            ax.plot([r["d"] for r in rs], [r["methods"][name]["samples_per_s"] for r in rs], "o-", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="feature dimension d", ylabel="samples / s", title=f"{prof}, k={k}")
-        ax.set_xticks([r["d"] for r in rs], [str(r["d"]) for r in rs])
-        ax.grid(True, which="both", alpha=0.3)
+            dims = [r["d"] for r in rs]
+            for name in rs[0]["methods"]:
+                if not name.startswith("gemm-"):
+                    ax.plot(dims, [r["methods"][name]["samples_per_s"] for r in rs], "o-", label=name)
+            # the samples/s the GEMM ceiling would allow: the useful FLOPs at the best GEMM rate
+            ax.plot(dims, [r["gemm_ceiling_gflops"] * 1e9 / r["flops_per_sample"] for r in rs], "k--",
+                    label="GEMM ceiling")
+            ax.set(xscale="log", yscale="log", xlabel="feature dimension d", ylabel="samples / s",
+                   title=f"{prof}, k={k}")
+            ax.set_xticks(dims, [str(d) for d in dims])
+            ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
