@@ -48,14 +48,15 @@ def shard_path(out: Path, rank: int, world_size: int) -> Path:
 def _write_splits(writer: FeatureWriter, splits: dict, model, batch_size: int, *, num_workers: int,
                   channels_last: bool, progress: bool, label: str = "") -> None:
     """Extract every split of ``splits`` ({name: Split}) into ``writer``, resuming each at
-    ``writer.rows_done`` (which must be a whole number of batches)."""
+    ``writer.rows_done``: a finished split is skipped (its last batch may be short), an
+    unfinished one must hold a whole number of batches."""
     for name, split in splits.items():
         done = writer.rows_done(name)
+        if done == len(split):
+            continue
         if done % batch_size:
             raise ValueError(f"{writer.partial_path} holds {done} rows of {name}, not a multiple of the batch "
                              f"size {batch_size}: resume with the --batch-size of the interrupted run")
-        if done == len(split):
-            continue
         if done:
             log.info("resuming %s%s at row %d of %d", name, label, done, len(split))
         bar = tqdm(total=len(split), initial=done, desc=f"extract {name}{label}", unit="img", disable=not progress)

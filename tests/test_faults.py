@@ -216,6 +216,38 @@ def test_extraction_sigkill_resumes_identical(tiny_run, watched_extraction, tmp_
     assert_same_h5(out, reference)
 
 
+def test_extraction_resumes_after_a_split_that_ends_in_a_short_batch(tiny_run, tmp_path, monkeypatch):
+    """Stopped once the train split is complete (118 rows: 14 batches of 8 and one of 6) and the
+    next split has begun: the resume skips the finished split (its row count is no whole number
+    of batches) and ends with the file an uninterrupted extraction writes."""
+    import glag.extract as extract_mod
+
+    _, run = tiny_run
+    reference = extract_features(run / "best.pt", tmp_path / "reference.h5", batch_size=8, progress=False)
+    real = extract_mod.iterate_outputs
+    calls = []
+
+    def stop_in_second_split(*args, **kwargs):
+        calls.append(args[1])
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if len(calls) == 2 and i == 1:
+                raise KeyboardInterrupt  # as a Ctrl-C in the second split's second batch
+            yield batch
+
+    out = tmp_path / "feats.h5"
+    partial = out.with_name(out.name + ".partial")
+    monkeypatch.setattr(extract_mod, "iterate_outputs", stop_in_second_split)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(run / "best.pt", out, batch_size=8, progress=False)
+    with h5py.File(partial, "r") as f:
+        assert int(f["train"].attrs["rows_done"]) == len(calls[0]) == 118
+        assert int(f["val"].attrs["rows_done"]) == 8
+    monkeypatch.setattr(extract_mod, "iterate_outputs", real)
+    extract_features(run / "best.pt", out, batch_size=8, progress=False)
+    assert not partial.exists()
+    assert_same_h5(out, reference)
+
+
 def test_stage1_sigkill_resumes_and_finishes(tmp_path):
     root = make_fake_fmnist(tmp_path / "fmnist")
     out, epochs = tmp_path / "run", 4
