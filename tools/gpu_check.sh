@@ -50,7 +50,7 @@ EOF
     "$PY" -c "from glag import sampling; print('available backends:', sampling.available_backends())"
 
     step "benchmark (glag-bench --device cuda)"
-    timeout 200 "$PY" -m glag.tools.bench_kernel --device cuda --profiles cifar100-lt imagenet-lt \
+    timeout 260 "$PY" -m glag.tools.bench_kernel --device cuda --profiles cifar100-lt imagenet-lt \
         --dims 2048 512 64 --ks 3 --work 1000 --repeats 3 --dc-seeds 3 --dc-seconds 4 \
         --out "$OUT_DIR/bench_kernel_gpu.json" --plot "$OUT_DIR/bench_kernel_gpu.png" --no-progress || status=1
 
