@@ -59,6 +59,26 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
+def check_resume_options(saved: dict, current: dict, where, free=()) -> None:
+    """Refuse to resume the run at ``where`` with options that change what it computes.
+
+    saved: the options the run was started with (its checkpoint's or config.json); current:
+    this command's. Options in ``free`` (paths, threads, progress: how, not what) may differ;
+    an option missing on either side is not compared.
+
+    Raises:
+        ValueError: naming each option that differs, with both values, and the fix.
+    """
+    def norm(v):  # tuples and lists alike, as config.json stores them
+        return json.loads(json.dumps(v, default=_jsonable))
+
+    diff = [k for k in sorted(set(saved) & set(current)) if k not in free and norm(saved[k]) != norm(current[k])]
+    if diff:
+        details = "; ".join(f"--{k.replace('_', '-')}: {saved[k]!r} in the run, {current[k]!r} now" for k in diff)
+        raise ValueError(f"{where} was started with other options ({details}). Resume with the run's own options "
+                         f"(--resume alone reads them from the run's config.json) or choose another --out")
+
+
 def _jsonable(x):
     if isinstance(x, (np.integer,)):
         return int(x)

@@ -46,7 +46,7 @@ from .inference import iterate_outputs
 from .losses import SCHEDULES, StageOneLoss, log_prior
 from .metrics import format_table, summarize
 from .models import create_model
-from .runs import RunDir, atomic_torch_save, seed_everything
+from .runs import RunDir, atomic_torch_save, check_resume_options, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ class Stage1Config:
             raise ValueError("--epochs and --batch-size must be at least 1")
         if self.arch is None:
             self.arch = "resnet10" if self.dataset in ("list", "folder") else "resnet32"
+
+
+# Options a resumed run may change: where things are and how fast they run, not what is computed.
+RESUME_FREE_OPTIONS = frozenset({"out", "data_root", "image_root", "train_list", "val_list", "test_list",
+                                 "num_workers", "eval_batch_size", "channels_last", "threads", "progress"})
 
 
 def dataset_from_config(cfg) -> object:
@@ -208,9 +213,11 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
     last_path, best_path = run / "last.pt", run / "best.pt"
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
-        if ckpt.get("config", {}).get("arch") != cfg.arch or ckpt["num_classes"] != data.num_classes:
-            raise ValueError(f"{last_path} was trained with another architecture or class count; "
-                             f"resume with the same options or choose another --out")
+        check_resume_options(ckpt.get("config", {}), dataclasses.asdict(cfg), last_path, RESUME_FREE_OPTIONS)
+        if ckpt["num_classes"] != data.num_classes or list(ckpt["class_counts"]) != counts.tolist():
+            raise ValueError(f"{last_path} was trained on {ckpt['num_classes']} classes of "
+                             f"{list(ckpt['class_counts'])} images, but the data now gives {data.num_classes} of "
+                             f"{counts.tolist()}; point --data-root at the run's data or choose another --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_val, best_epoch = ckpt["epoch"], ckpt["best_val"], ckpt["best_epoch"]
@@ -219,9 +226,10 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
         log.info("resuming %s after epoch %d (best val %.2f at epoch %d)", cfg.out, start_epoch, best_val, best_epoch)
         if main:
             run.truncate_summary(start_epoch)
-    elif main:
+    elif main:  # a new run, or one stopped before its first last.pt: (re)start at epoch 1
         run.write_config(dataclasses.asdict(cfg), cfg.seed)
         np.savez(run / "indices.npz", class_counts=counts, **data.indices)
+        run.truncate_summary(0)  # a row the stopped run wrote for an epoch it did not checkpoint
 
     net = model  # what the loop calls; the DDP wrapper averages gradients over processes
     if world > 1:

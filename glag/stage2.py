@@ -46,7 +46,8 @@ from .features import open_features
 from .losses import ce_kd_logit_grad, kd_loss, tau_schedule
 from .metrics import format_table, per_class_accuracy, summarize
 from .optim import MomentumSGD
-from .runs import RunDir, atomic_torch_save, atomic_write_bytes, atomic_write_json, seed_everything
+from .runs import (RunDir, atomic_torch_save, atomic_write_bytes, atomic_write_json, check_resume_options,
+                   seed_everything)
 from .sampling import sample_calibrated
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,12 @@ class InMemoryData:
         self.ff.close()
 
 
+# Options a resumed run may change: where the features are, how fast and in how much memory it
+# runs (the backends draw the same samples to float rounding), not what it computes.
+RESUME_FREE_OPTIONS = frozenset({"out", "features", "backend", "threads", "progress", "omega_workers",
+                                 "max_memory", "stream_block_rows"})
+
+
 def open_stage2_data(cfg: Stage2Config):
     """The data of a stage-two run: in memory, or streamed when it exceeds ``cfg.max_memory``
     (:func:`glag.streaming.choose_data_path`); the choice and its reason are logged."""
@@ -323,10 +330,13 @@ def open_stage2_data(cfg: Stage2Config):
                              f"(tools/extract.py writes train, val and test)")
         choice = streaming.choose_data_path(ff, cfg)
         log.info("stage two data path: %s: %s", "streaming" if choice.stream else "in memory", choice.reason)
+        fingerprint = ff.fingerprint()  # what a resumed run checks it is given again
         if not choice.stream:
-            return InMemoryData(cfg, ff)
-        data = streaming.StreamingData(cfg, ff, choice.plan)
-        ff.close()
+            data = InMemoryData(cfg, ff)
+        else:
+            data = streaming.StreamingData(cfg, ff, choice.plan)
+            ff.close()
+        data.features_fingerprint = fingerprint
         return data
     except BaseException:
         ff.close()
@@ -360,6 +370,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict:
     best.pt (the classifier chosen on val) and metrics.json (per-class accuracies included, for plots).
     """
     cfg = cfg.resolved()
+    open_features(cfg.features).close()  # a missing or broken file fails here, before a run folder exists
     if cfg.omega_init == "auto":
         return select_omega_init(cfg, resume)
     with torch_threads(cfg.threads or (1 if _small_head(cfg) else None)):
@@ -511,8 +522,17 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
     total = cfg.epochs * steps_per_epoch
     start_epoch, best_val, best_epoch = 0, -1.0, 0
     last_path, best_path = run / "last.pt", run / "best.pt"
+    fingerprint = data.features_fingerprint
     if resume and last_path.exists():
         ck = torch.load(last_path, map_location="cpu", weights_only=True)
+        if (ck["num_classes"], ck["feature_dim"]) != (C, d) or ck.get("features_fingerprint", fingerprint) != fingerprint:
+            raise ValueError(f"{last_path} was trained on other features (C = {ck['num_classes']}, d = "
+                             f"{ck['feature_dim']}, fingerprint {ck.get('features_fingerprint', '-')}) than "
+                             f"{cfg.features} (C = {C}, d = {d}, fingerprint {fingerprint}); resume with the "
+                             f"run's --features, or choose another --out")
+        if (run / "config.json").exists():
+            check_resume_options(json.loads((run / "config.json").read_text()), dataclasses.asdict(cfg),
+                                 run.path, RESUME_FREE_OPTIONS)
         head.load_state_dict(ck["head"])
         optimizer.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
@@ -522,8 +542,9 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
         start_epoch, best_val, best_epoch = ck["epoch"], ck["best_val"], ck["best_epoch"]
         run.truncate_summary(start_epoch)
         log.info("resuming %s after epoch %d", cfg.out, start_epoch)
-    else:
-        run.write_config({**dataclasses.asdict(cfg), "n_max_resolved": builder.n_max,
+    else:  # a new run, or one stopped before its first last.pt: (re)start at epoch 1
+        run.truncate_summary(0)  # a row the stopped run wrote for an epoch it did not checkpoint
+        run.write_config({**dataclasses.asdict(cfg), "n_max_resolved": builder.n_max, "features_fingerprint": fingerprint,
                           "head_classes": builder.head_ids.tolist(), "generated_classes": builder.tail_ids.tolist(),
                           "resampled_classes": builder.resample_ids, **data.describe()},
                          cfg.seed)
@@ -565,16 +586,19 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
         state = {"head": head.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                  "best_val": best_val, "best_epoch": best_epoch, "generator": gen.get_state(),
                  "numpy_rng": _save_rng(builder.rng), "omega": omega.state_dict() if omega is not None else {},
-                 "tukey_lambda": cfg.tukey_lambda, "num_classes": C, "feature_dim": d}
-        if improved:
-            atomic_torch_save(state, best_path)
-        atomic_torch_save(state, last_path)
+                 "tukey_lambda": cfg.tukey_lambda, "num_classes": C, "feature_dim": d,
+                 "features_fingerprint": fingerprint}
         row = {"epoch": epoch + 1, "lr": lr, "kd_tau": tau, "ce": ce_sum / n_samples,
                "kd": kd_sum / max(1, n_kd), "samples": n_samples, "generated": n_samples - n_real,
                **{f"val_{k}": v for k, v in val_m.items()},
                "mean_omega": float(np.mean(omega.omega[builder.tail_ids])) if omega is not None else float("nan"),
                "gen_seconds": info["data"], "seconds": time.time() - t0, "steps": n_steps, "val_seconds": t_val}
+        # summary row first, last.pt last (as in stage one): a stop in between redoes this epoch
+        # on resume, which truncates the summary to the checkpointed epochs
         run.append_summary(row)
+        if improved:
+            atomic_torch_save(state, best_path)
+        atomic_torch_save(state, last_path)
         bar.set_postfix(val=f"{val_m['top1']:.2f}", best=f"{best_val:.2f}")
     bar.close()
     del head, optimizer, state  # the selected classifier is reloaded from best.pt

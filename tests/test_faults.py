@@ -260,7 +260,8 @@ def test_stage1_sigkill_resumes_and_finishes(tmp_path):
     assert proc.wait() == -signal.SIGKILL, "stage one finished before it could be killed"
     killed_at = load_checkpoint(out / "last.pt")["epoch"]
     assert 1 <= killed_at < epochs and not (out / "metrics.json").exists()
-    res = run_tool("train_stage1", *args, "--resume")
+    # as the README says: --out and --resume alone, the run's config.json gives the other options
+    res = run_tool("train_stage1", "--out", out, "--resume", "--no-progress", "--threads", "1")
     assert f"after epoch {killed_at}" in res.stderr
     metrics = (out / "metrics.json").read_text()
     assert '"selected_on": "val"' in metrics
@@ -268,6 +269,39 @@ def test_stage1_sigkill_resumes_and_finishes(tmp_path):
     rows = (out / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,")
     assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(1, epochs + 1)]  # one row per epoch
+
+
+def test_stage1_stopped_before_its_first_checkpoint_restarts_with_one_row_per_epoch(tmp_path, monkeypatch):
+    """Stopped after epoch 1's summary row but before its last.pt: --resume has no checkpoint,
+    starts over, and the summary ends with one row per epoch (not epoch 1 twice)."""
+    import glag.stage1 as s1
+
+    root = make_fake_fmnist(tmp_path / "fmnist")
+    real = s1.atomic_torch_save
+
+    def save(ckpt, path):
+        if path.name == "last.pt" and ckpt["epoch"] == 1:
+            raise KeyboardInterrupt
+        real(ckpt, path)
+    monkeypatch.setattr(s1, "atomic_torch_save", save)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(root, tmp_path / "run", epochs=2)
+    monkeypatch.setattr(s1, "atomic_torch_save", real)
+    summary = tmp_path / "run" / "summary.csv"
+    assert not (tmp_path / "run" / "last.pt").exists() and len(summary.read_text().splitlines()) == 2
+    train_stage1(Stage1Config(out=str(tmp_path / "run"), data_root=str(root), epochs=2, **TINY), resume=True)
+    assert [r.split(",")[0] for r in summary.read_text().splitlines()[1:]] == ["1", "2"]
+
+
+def test_stage1_resume_with_other_data_options_is_refused(tiny_run, tmp_path):
+    """--n-max and --imbalance-factor pick the long-tailed subset: resuming with others would
+    train the rest of the run on other images. Refused, naming both, with nothing written."""
+    _, run = tiny_run
+    before = folder_state(run)
+    with pytest.raises(ValueError, match=r"--imbalance-factor: 10\.0 in the run, 2\.0 now; --n-max: 30 in the run, 20 now"):
+        train_stage1(Stage1Config(out=str(run), data_root=str(tiny_run[0]), epochs=1,
+                                  **{**TINY, "n_max": 20, "imbalance_factor": 2.0}), resume=True)
+    assert folder_state(run) == before
 
 
 def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path):
@@ -316,7 +350,7 @@ def test_checkpoint_of_another_architecture(tiny_run, tmp_path):
     assert list(tmp_path.iterdir()) == [bad]  # nothing written
     # resuming a run with another --arch is refused before anything is written
     before = folder_state(run)
-    with pytest.raises(ValueError, match="another architecture"):
+    with pytest.raises(ValueError, match="--arch: 'resnet20' in the run, 'resnet32' now"):
         train_stage1(Stage1Config(out=str(run), data_root=str(tiny_run[0]), epochs=2,
                                   **{**TINY, "arch": "resnet32"}), resume=True)
     assert folder_state(run) == before

@@ -305,3 +305,97 @@ def test_command_line_run_and_its_replay_from_config_json(feats, tmp_path, capsy
                            "--no-plots", "--no-progress"]) == 0
     again = json.loads((tmp_path / "replay" / "metrics.json").read_text())
     assert again["stage2"] == first["stage2"] and again["omega_init_selected"] == first["omega_init_selected"]
+
+
+def _stop_at_last_pt(monkeypatch, epoch):
+    """Stop a run (KeyboardInterrupt) after it has written epoch ``epoch``'s summary row and
+    before that epoch's last.pt: the window between the two writes."""
+    import glag.stage2 as s2
+
+    real = s2.atomic_torch_save
+
+    def save(state, path):
+        if path.name == "last.pt" and state["epoch"] == epoch:
+            raise KeyboardInterrupt
+        real(state, path)
+    monkeypatch.setattr(s2, "atomic_torch_save", save)
+    return real
+
+
+@pytest.mark.parametrize("stop_epoch", [1, 3])
+def test_stop_between_summary_row_and_checkpoint_resumes_with_one_row_per_epoch(feats, tmp_path, monkeypatch,
+                                                                                  stop_epoch):
+    """Epoch 1 (no last.pt yet: the resume starts over) and a later epoch: every epoch has one
+    summary row after the resume, and the result is the uninterrupted run's."""
+    import glag.stage2 as s2
+
+    full = train_stage2(cfg(feats, tmp_path / "full", epochs=4, omega_init=0.6))
+    c = cfg(feats, tmp_path / "part", epochs=4, omega_init=0.6)
+    real = _stop_at_last_pt(monkeypatch, stop_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage2(c)
+    monkeypatch.setattr(s2, "atomic_torch_save", real)
+    summary = tmp_path / "part" / "summary.csv"
+    assert [r.split(",")[0] for r in summary.read_text().splitlines()[1:]] == [str(e) for e in range(1, stop_epoch + 1)]
+    resumed = train_stage2(c, resume=True)
+    assert resumed["stage2"] == full["stage2"]
+    assert [r.split(",")[0] for r in summary.read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
+
+
+def test_resume_refuses_other_features_or_options(feats, tmp_path):
+    """A resumed run must be given the features and options it was started with: another file
+    (even of the same shape) or another --lr is a clear error, and the run folder is unchanged."""
+    c = cfg(feats, tmp_path / "run", epochs=4, omega_init=0.6)
+    _run_epochs(c, 2)
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    other = write_synthetic_features(tmp_path / "other.h5", COUNTS, 16, val_per_class=20, test_per_class=40, seed=4)
+    with pytest.raises(ValueError, match="trained on other features"):
+        train_stage2(dataclasses.replace(c, features=str(other)), resume=True)
+    narrow = write_synthetic_features(tmp_path / "narrow.h5", COUNTS, 8, val_per_class=20, test_per_class=40, seed=3)
+    with pytest.raises(ValueError, match="d = 16.*d = 8"):
+        train_stage2(dataclasses.replace(c, features=str(narrow)), resume=True)
+    with pytest.raises(ValueError, match=r"--lr: 0\.05 in the run, 0\.5 now"):
+        train_stage2(dataclasses.replace(c, lr=0.5), resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # the same file under another path, and another backend: allowed
+    moved = tmp_path / "moved.h5"
+    moved.write_bytes(feats.read_bytes())
+    assert train_stage2(dataclasses.replace(c, features=str(moved), backend="numba"), resume=True)["stage2"]
+
+
+def test_missing_features_leave_no_run_folder(tmp_path):
+    """A wrong --features fails before any run folder exists (with --omega-init auto too), so the
+    corrected command runs as is."""
+    from glag.features import FeatureFileError
+
+    for omega_init in ("auto", 0.6):
+        out = tmp_path / f"run-{omega_init}"
+        with pytest.raises(FeatureFileError, match="does not exist"):
+            train_stage2(Stage2Config(features=str(tmp_path / "missing.h5"), out=str(out), omega_init=omega_init,
+                                      progress=False))
+        assert not out.exists()
+
+
+def test_command_line_resume_alone_reads_the_run_options(feats, tmp_path, monkeypatch):
+    """``afg_train.py --out <run> --resume``, no other flag: the run's config.json supplies the
+    options (its feature file included) and the run finishes as the uninterrupted one."""
+    import glag.stage2 as s2
+    from tools import afg_train
+
+    args = ["--features", str(feats), "--epochs", "4", "--omega-init", "0.6", "--lr", "0.02", "--batch-size", "64",
+            "--backend", "torch", "--no-progress", "--no-plots"]
+    assert afg_train.main(args + ["--out", str(tmp_path / "full")]) == 0
+    real = s2.EpochBuilder.build
+
+    def stop_at_epoch_2(self, epoch, omega):
+        if epoch >= 2:
+            raise KeyboardInterrupt
+        return real(self, epoch, omega)
+    monkeypatch.setattr(s2.EpochBuilder, "build", stop_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        afg_train.main(args + ["--out", str(tmp_path / "part")])
+    monkeypatch.setattr(s2.EpochBuilder, "build", real)
+    assert afg_train.main(["--out", str(tmp_path / "part"), "--resume", "--no-progress", "--no-plots"]) == 0
+    full, part = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("full", "part"))
+    assert part["stage2"] == full["stage2"]

@@ -60,20 +60,30 @@ def config_from_args(cls, args: argparse.Namespace):
 
 
 def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
-    """``--config run/config.json`` replaces the parser's defaults; flags on the command line still win."""
+    """``--config run/config.json`` replaces the parser's defaults; flags on the command line still win.
+
+    ``--resume`` without ``--config`` does the same with the run's own ``<out>/config.json``, so
+    ``--out <run> --resume`` alone continues a run with the options it was started with (a flag
+    that contradicts them is refused by the training code, naming the option)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
+    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--out", default=parser.get_default("out"))
     known, _ = pre.parse_known_args(argv)
-    if not known.config:
+    has_resume = any(a.dest == "resume" for a in parser._actions)
+    source, quiet = known.config, False
+    if not source and has_resume and known.resume and known.out and os.path.isfile(os.path.join(known.out, "config.json")):
+        source, quiet = os.path.join(known.out, "config.json"), True  # it also holds what the run resolved
+    if not source:
         return
     try:
-        with open(known.config) as fh:
+        with open(source) as fh:
             values = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
-        parser.error(f"cannot read --config {known.config}: {exc}")
+        parser.error(f"cannot read {'--config ' if not quiet else ''}{source}: {exc}")
     dests = {a.dest for a in parser._actions}
     unknown = sorted(set(values) - dests - {"extra"})
-    if unknown:
+    if unknown and not quiet:
         logging.getLogger(__name__).warning("--config keys not known to this tool, ignored: %s", unknown)
     parser.set_defaults(**{k: v for k, v in values.items() if k in dests})
     for action in parser._actions:  # a value from the file satisfies a required option
