@@ -59,12 +59,13 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
-def check_resume_options(saved: dict, current: dict, where, free=()) -> None:
+def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epochs",)) -> None:
     """Refuse to resume the run at ``where`` with options that change what it computes.
 
     saved: the options the run was started with (its checkpoint's or config.json); current:
     this command's. Options in ``free`` (paths, threads, progress: how, not what) may differ;
-    an option missing on either side is not compared.
+    so may those in ``warn`` (``--epochs``: continue a run to a new length), with a warning that
+    the result is then not the uninterrupted run's. An option missing on either side is not compared.
 
     Raises:
         ValueError: naming each option that differs, with both values, and the fix.
@@ -73,6 +74,11 @@ def check_resume_options(saved: dict, current: dict, where, free=()) -> None:
         return json.loads(json.dumps(v, default=_jsonable))
 
     diff = [k for k in sorted(set(saved) & set(current)) if k not in free and norm(saved[k]) != norm(current[k])]
+    for k in [k for k in diff if k in warn]:
+        log.warning("resuming %s with --%s %r (it was started with %r): the schedules follow the new value from "
+                    "here on, so the result differs from an uninterrupted run with it", where, k.replace("_", "-"),
+                    current[k], saved[k])
+    diff = [k for k in diff if k not in warn]
     if diff:
         details = "; ".join(f"--{k.replace('_', '-')}: {saved[k]!r} in the run, {current[k]!r} now" for k in diff)
         raise ValueError(f"{where} was started with other options ({details}). Resume with the run's own options "
