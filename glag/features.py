@@ -744,7 +744,7 @@ class FeatureFile:
         for split in self.splits:
             n = self.num_rows(split)
             h.update(f"{split}:{n}".encode())
-            for sl in {(0, min(n, rows)), (max(0, n - rows), n)}:
+            for sl in sorted({(0, min(n, rows)), (max(0, n - rows), n)}):
                 part = self.load(split, rows=slice(*sl))
                 for arr in (part.features, part.labels, part.index):
                     h.update(np.ascontiguousarray(arr).tobytes())
