@@ -409,3 +409,16 @@ def test_bench_lowrank_graph_needs_cuda():
     bank, mu, support, w, counts, labels, _ = _problem()
     with pytest.raises(ValueError, match="CUDA graphs are GPU-only"):
         bench_lowrank(bank, mu, support, w, counts, labels, 0.1, "diag", graph=True)
+
+
+def test_bench_leaves_out_a_graph_method_whose_capture_fails(capsys):
+    """On the GPU, a failed CUDA-graph capture costs the run that method only, with a warning."""
+    from glag.tools import bench_kernel
+
+    def fails():
+        raise RuntimeError("operation not permitted when stream is capturing")
+    methods = {}
+    bench_kernel._add_graphed(methods, "torch-lowrank-graph", fails)
+    bench_kernel._add_graphed(methods, "gemm-torch-graph", lambda: "replay")
+    assert methods == {"gemm-torch-graph": "replay"}
+    assert "torch-lowrank-graph left out of this run" in capsys.readouterr().err
