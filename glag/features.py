@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -244,10 +245,32 @@ class FeatureWriter:
             raise _err(self.partial_path, f"is an unreadable or corrupt unfinished extraction ({e})",
                        "Delete it and run the extraction again") from e
 
+    def _skeleton(self, host: str, pid: int | str) -> Path:
+        """Where ``_create`` lays out a new file before renaming it to the .partial."""
+        return self.partial_path.with_name(f".{self.partial_path.name}.{host}.{pid}.init")
+
+    def _remove_dead_skeletons(self) -> None:
+        """Remove the skeletons of writers killed while laying out a file: those made on this host
+        by a process that no longer runs (another host's, or a live process's, are left alone)."""
+        host = platform.node() or "host"
+        for path in self.partial_path.parent.glob(self._skeleton(host, "*").name):
+            pid = path.name[len(self._skeleton(host, "").name) - len(".init"):-len(".init")]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:  # gone: its skeleton can never be finished
+                path.unlink(missing_ok=True)
+                log.info("removed %s, left by an extraction killed while creating its file", path)
+            except PermissionError:  # alive (another user's)
+                pass
+
     def _create(self) -> None:
         # The skeleton (attributes, empty datasets) is built under a temporary name and renamed to
-        # .partial only once it is whole: a kill while HDF5 lays it out leaves no unusable .partial.
-        skeleton = self.partial_path.with_name(f".{self.partial_path.name}.{os.getpid()}.init")
+        # .partial only once it is whole: a kill while HDF5 lays it out leaves no unusable .partial
+        # (and the next writer of this file removes what it left).
+        self._remove_dead_skeletons()
+        skeleton = self._skeleton(platform.node() or "host", os.getpid())
         f = self._open("w", skeleton)
         try:
             self._lay_out(f)

@@ -173,6 +173,25 @@ def test_atomic_rename(tmp_path, data):
     assert path.exists() and not partial.exists()
 
 
+def test_skeletons_of_killed_writers_are_removed(tmp_path, data):
+    """A writer killed while laying out a new file leaves its skeleton (``.<name>.partial.<host>.
+    <pid>.init``); the next writer of that file removes it if its process is gone from this host,
+    and leaves a live process's and another host's alone."""
+    import platform
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = platform.node() or "host"
+    name = ".feats.h5.partial"
+    left = {"dead": tmp_path / f"{name}.{host}.{dead.pid}.init", "alive": tmp_path / f"{name}.{host}.{os.getppid()}.init",
+            "elsewhere": tmp_path / f"{name}.other-host.{dead.pid}.init"}
+    for p in left.values():
+        p.write_bytes(b"half a skeleton")
+    write_all(tmp_path / "feats.h5", data)
+    assert not left["dead"].exists() and left["alive"].exists() and left["elsewhere"].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["feats.h5", left["alive"].name, left["elsewhere"].name])
+
+
 def test_existing_file_not_overwritten(good_file, data):
     before = sha256_file(good_file)
     with pytest.raises(FeatureFileError, match="overwrite=True"):
