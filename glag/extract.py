@@ -16,6 +16,7 @@ reuses finished shards and resumes unfinished ones (with the same N).
 """
 from __future__ import annotations
 
+import glob
 import logging
 from pathlib import Path
 
@@ -87,8 +88,12 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
     rank, world = distributed.init_from_env()
     main = rank == 0
     if out.exists() and not overwrite:  # fail before hours of work, on every process alike
+        shards = sorted(p.name for p in out.parent.glob(f"{glob.escape(out.name)}.rank*of*"))
+        left = (f" Shard files of a sharded extraction are beside it ({', '.join(shards)}): a run stopped "
+                f"between writing {out.name} and removing them leaves them, and then they can be deleted."
+                if shards else "")
         raise FeatureFileError(f"{out}: already exists (a complete feature file is never replaced silently). "
-                               f"Pass --overwrite, delete it, or choose another --out")
+                               f"Pass --overwrite, delete it, or choose another --out.{left}")
     ckpt = load_checkpoint(checkpoint)
     cfg_dict = dict(ckpt["config"])
     if data_root is not None:

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from glag.data.fmnist import FILES as FMNIST_FILES
-from glag.extract import extract_features
+from glag.extract import extract_features, shard_path
 from glag.features import FeatureFileError, open_features
 from glag.stage1 import Stage1Config, load_checkpoint, train_stage1
 
@@ -362,8 +362,16 @@ def test_failed_extraction_keeps_existing_file(tiny_run, watched_extraction, tmp
     out.write_bytes(watched_extraction[0].read_bytes())
     good = sha(out)
     # without --overwrite: refused up front
-    with pytest.raises(FeatureFileError, match="already exists"):
+    with pytest.raises(FeatureFileError, match="already exists") as refused:
         extract_features(run / "best.pt", out, progress=False)
+    assert "Shard files" not in str(refused.value)
+    # shards a stopped merge left beside it are named in the refusal
+    for r in range(2):
+        shard_path(out, r, 2).write_bytes(b"a finished shard")
+    with pytest.raises(FeatureFileError, match=r"beside it \(feats\.h5\.rank0of2, feats\.h5\.rank1of2\)"):
+        extract_features(run / "best.pt", out, progress=False)
+    for r in range(2):
+        shard_path(out, r, 2).unlink()
     # NaN features with --overwrite: a clear error, the complete file untouched, the .partial kept
     ckpt = torch.load(run / "best.pt", weights_only=True)
     key = next(k for k in ckpt["model"] if k.endswith("weight") and ckpt["model"][k].ndim == 4)
