@@ -36,6 +36,7 @@ Typical use (the extractor must visit samples in a fixed order so that a resume 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -253,8 +254,9 @@ class FeatureWriter:
         """Remove the skeletons of writers killed while laying out a file: those made on this host
         by a process that no longer runs (another host's, or a live process's, are left alone)."""
         host = platform.node() or "host"
-        for path in self.partial_path.parent.glob(self._skeleton(host, "*").name):
-            pid = path.name[len(self._skeleton(host, "").name) - len(".init"):-len(".init")]
+        prefix = self._skeleton(host, "").name[: -len(".init")]  # ".<name>.partial.<host>."
+        for path in self.partial_path.parent.glob(glob.escape(prefix) + "*.init"):
+            pid = path.name[len(prefix): -len(".init")]
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
             try:
