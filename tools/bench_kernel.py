@@ -285,21 +285,18 @@ def make_lowrank(job: Job, tf32: bool = False, graph: bool = False):
         return run
 
     seed_of, groups = lowrank_plan(job)
-    replay = graph_replay(lambda: lowrank_draw(job, buf, seed_of, groups), device, "make_lowrank(graph=True)")
-    n = seed_of.numel()
-
-    def run_graph():
-        replay()
-        return n
-    run_graph.out = buf[:n]  # what each replay draws
+    run_graph = graph_replay(lambda: lowrank_draw(job, buf, seed_of, groups).shape[0], device,
+                             "make_lowrank(graph=True)")
+    run_graph.out = buf[: seed_of.numel()]  # what each replay draws
     return run_graph
 
 
 def graph_replay(fn, device, what: str):
     """``fn`` (CUDA work, no host sync) captured once in a CUDA graph: returns a function that
-    replays it (the graph kept on it as ``.graph``). Warmed up twice first on the capture's
-    own stream, as capture requires (cuBLAS sets itself up per stream, which it cannot do
-    mid-capture). Random ops drawn in ``fn`` draw new numbers at every replay."""
+    replays it and returns what ``fn`` returned at the capture (a host value: samples a call).
+    Warmed up twice first on the capture's own stream, as capture requires (cuBLAS sets itself
+    up per stream, which it cannot do mid-capture). Random ops in ``fn`` draw new numbers at
+    every replay."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"{what} needs a CUDA job, not {device}: CUDA graphs are GPU-only")
@@ -310,12 +307,12 @@ def graph_replay(fn, device, what: str):
             fn()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=side):
-        fn()
+        result = fn()
     torch.cuda.current_stream(device).wait_stream(side)
 
     def replay():
         g.replay()
-    replay.graph = g  # keeps the graph and its memory pool alive with the method
+        return result
     return replay
 
 
@@ -364,10 +361,7 @@ def make_gemm(job: Job, lib: str, graph: bool = False):
         for a, b, y in ops:
             (torch.matmul if lib == "torch" else np.matmul)(a, b, out=y)
         return job.n
-    if graph:
-        replay = graph_replay(run, device, "make_gemm(graph=True)")
-        return lambda: (replay(), job.n)[1]
-    return run
+    return graph_replay(run, device, "make_gemm(graph=True)") if graph else run
 
 
 def square_gemm_rate(device, n: int) -> float:
