@@ -7,10 +7,10 @@
 // Launched on one stream, the host never waiting for the device:
 //   glag_plan_count, glag_plan_tiles, glag_plan_rows
 //                       for every slot: the samples grouped by their support class j in that
-//                       slot, cut into tiles of <= 64 samples (the plan, below)
+//                       slot, cut into tiles of <= BM samples (the plan, below)
 //   glag_slot_gemm_*    for one slot: x[s, :] (+)= sqrt(w) F_j z_{s,slot} for every sample s whose
 //                       seed row has support class j in that slot. One thread block per
-//                       (tile of <= 64 samples sharing class j) x (BN output columns): a tiled
+//                       (tile of <= BM samples sharing class j) x (BN output columns): a tiled
 //                       SGEMM whose A operand (the normals) is generated in registers by
 //                       Philox4x32-10 + Box-Muller and staged in shared memory, never in global
 //                       memory. Slot 0 writes x = mu' + e_s + its product (its epilogue draws the
@@ -136,7 +136,7 @@ __device__ __forceinline__ void glag_block_normals(unsigned int s, unsigned int 
 
 // ---------------------------------------------------------------- the plan: samples grouped by class
 // Three small kernels turn (support, counts) into, for every slot, the sample ids grouped by
-// their support class in that slot and the list of tiles (<= 64 rows of one class) the slot GEMM
+// their support class in that slot and the list of tiles (<= BM rows of one class) the slot GEMM
 // runs over. Everything stays on the device: the host launches them and the GEMMs without
 // waiting. Within a class the order of the samples depends on the order of the atomics, which
 // changes nothing in x: every row of a tile is computed on its own (same products, same order).
@@ -158,17 +158,18 @@ extern "C" __global__ void glag_plan_count(const long long* __restrict__ support
 
 // Tiles of one class in one slot: none for a class without samples, none for r_j = 0 after slot 0
 // (slot 0 writes every row: x = mu' + e + its product, an empty product for r_j = 0).
-__device__ __forceinline__ long long glag_class_tiles(unsigned long long h, long long r, int slot) {
-    return (h > 0 && (slot == 0 || r > 0)) ? (long long)((h + 63) / 64) : 0;
+__device__ __forceinline__ long long glag_class_tiles(unsigned long long h, long long r, int slot, int bm) {
+    return (h > 0 && (slot == 0 || r > 0)) ? (long long)((h + bm - 1) / bm) : 0;
 }
 
 // One block of 256 threads per slot: cursor[slot, j] = first position of class j in that slot's
 // row list (classes in id order), and tiles[slot, :] = (j, begin, end) for every tile of every
-// class, then empty tiles (0, 0, 0) up to bound (>= the number of tiles: N / 64 + min(C, m)).
-//   hist: (k, C) uint64; offsets: (C+1,) int64; cursor: (k, C) uint64; tiles: (k, bound, 3) int64.
+// class, then empty tiles (0, 0, 0) up to bound (>= the number of tiles: N / bm + min(C, m)).
+//   hist: (k, C) uint64; offsets: (C+1,) int64; bm: rows a tile (the GEMM's BM); cursor: (k, C)
+//   uint64; tiles: (k, bound, 3) int64.
 extern "C" __global__ void __launch_bounds__(256) glag_plan_tiles(const unsigned long long* __restrict__ hist,
                                                                   const long long* __restrict__ offsets,
-                                                                  int n_classes, long long bound,
+                                                                  int n_classes, int bm, long long bound,
                                                                   unsigned long long* __restrict__ cursor,
                                                                   long long* __restrict__ tiles) {
     __shared__ long long part_rows[256], part_tiles[256];
@@ -183,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(256) glag_plan_tiles(const unsigned
     long long rows_sum = 0, tiles_sum = 0;
     for (int j = j0; j < j1; ++j) {
         rows_sum += (long long)h[j];
-        tiles_sum += glag_class_tiles(h[j], offsets[j + 1] - offsets[j], slot);
+        tiles_sum += glag_class_tiles(h[j], offsets[j + 1] - offsets[j], slot, bm);
     }
     part_rows[tid] = rows_sum;
     part_tiles[tid] = tiles_sum;
@@ -203,12 +204,12 @@ extern "C" __global__ void __launch_bounds__(256) glag_plan_tiles(const unsigned
     long long p = part_rows[tid], t = part_tiles[tid];
     for (int j = j0; j < j1; ++j) {
         const long long hj = (long long)h[j];
-        const long long nt = glag_class_tiles(h[j], offsets[j + 1] - offsets[j], slot);
+        const long long nt = glag_class_tiles(h[j], offsets[j + 1] - offsets[j], slot, bm);
         cur[j] = (unsigned long long)p;
         for (long long q = 0; q < nt; ++q, ++t) {
             tl[3 * t] = j;
-            tl[3 * t + 1] = p + 64 * q;
-            tl[3 * t + 2] = glag_min_ll(p + 64 * (q + 1), p + hj);
+            tl[3 * t + 1] = p + (long long)bm * q;
+            tl[3 * t + 2] = glag_min_ll(p + (long long)bm * (q + 1), p + hj);
         }
         p += hj;
     }
@@ -294,18 +295,19 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
 //   ft:       (R, d) float32, the factors transposed: rows offsets[j]..offsets[j+1] hold F_j^T.
 //   offsets:  (C+1,) int64.   rows, row_seed: (n,) int64, this slot's sample ids and their seed
 //             rows, grouped by class.   tiles: (T, 3) int64: class j, first and one-past-last
-//             position in rows (<= 64 apart; empty tiles pad the grid).
+//             position in rows (<= BM apart; empty tiles pad the grid).
 //   weights:  (m, k) float32.  mu: (m, d) float32.  vec: x and mu rows are 16-byte aligned
 //             (d % 4 == 0), so the epilogue moves float4s.
-// Block: 256 threads = 16 x 16; thread (ty, tx) owns rows ty*4..ty*4+3 of the tile and columns
+// Block tile BM rows x BN columns, K steps of BK components, BM * BK = 1024. Block: 256 threads =
+// 16 x 16; thread (ty, tx) owns rows ty*TM .. ty*TM+TM-1 of the tile (TM = BM / 16) and columns
 // n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory; each
 // thread's 4 columns are one Philox block of the dispersion noise).
-// Per K step of 16 components, thread (g_row = tid / 4, g_blk = tid % 4) draws the 4 normals of
-// Philox block (c0 / 4 + g_blk) of its row: one Philox call per thread per step.
+// Per K step, thread (g_row = tid / (BK / 4), g_blk = tid % (BK / 4)) draws the 4 normals of Philox
+// block (c0 / 4 + g_blk) of its row: one Philox call per thread per step.
 // Two shared-memory stages, one barrier a step: step t multiplies stage t % 2 while this thread's
 // loads of F_j^T for step t + 1 are in flight (into registers); then it draws step t + 1's
 // normals and stores both into the other stage.
-template <int BN>
+template <int BM, int BN, int BK>
 __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, const long long* __restrict__ offsets,
                                                const long long* __restrict__ rows,
                                                const long long* __restrict__ row_seed,
@@ -313,7 +315,8 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
                                                const float* __restrict__ weights, const float* __restrict__ mu,
                                                int k, int slot, int d, unsigned int k0, unsigned int k1,
                                                float sqrt_alpha, int diag, int vec, float* __restrict__ x) {
-    constexpr int BM = 64, BK = 16, TM = 4, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
+    static_assert(BM * BK == 1024 && (BK == 16 || BK == 8) && BM % 64 == 0 && BN % 64 == 0, "one Philox block a thread a step");
+    constexpr int TM = BM / 16, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
     constexpr int NB = BK * BN / 256;  // values of F_j^T a thread loads a step
     __shared__ __align__(16) float a_s[2][BK * APAD];  // A^T tile: a_s[.][kk * APAD + row]
     __shared__ __align__(16) float b_s[2][BK * BN];    // B tile:   b_s[.][kk * BN + col]
@@ -335,12 +338,13 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
     if (r > 0) {  // the same for the whole block
-        const int g_row = tid >> 2, g_blk = tid & 3;
+        constexpr int GB_LOG2 = BK == 16 ? 2 : 1;  // Philox blocks of a row a step: BK / 4 = 4 or 2
+        const int g_row = tid >> GB_LOG2, g_blk = tid & ((1 << GB_LOG2) - 1);
         const long long g_s = row_s[g_row];
         const float g_scale = scale_s[g_row];
         float z[4];     // this thread's normals of the step being staged
         float bq[NB];   // this thread's values of F_j^T of that step
-        // B: F_j^T rows c0..c0+15, columns n0..n0+BN-1 (coalesced along d). Element p of this
+        // B: F_j^T rows c0..c0+BK-1, columns n0..n0+BN-1 (coalesced along d). Element p of this
         // thread is row c0 + b_kk + RP p, column n0 + b_nn, stored at b_s[.][tid + 256 p].
         constexpr int RP = 256 / BN;  // rows of B a pass of the block covers
         const int b_kk = tid / BN, b_nn = tid % BN;
@@ -371,8 +375,15 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         auto multiply = [&](int buf) {
 #pragma unroll
             for (int kk = 0; kk < BK; ++kk) {
-                const float4 a = *reinterpret_cast<const float4*>(&a_s[buf][kk * APAD + ty * TM]);
-                const float av[TM] = {a.x, a.y, a.z, a.w};
+                float av[TM];
+#pragma unroll
+                for (int u = 0; u < TM / 4; ++u) {
+                    const float4 a = *reinterpret_cast<const float4*>(&a_s[buf][kk * APAD + ty * TM + 4 * u]);
+                    av[4 * u] = a.x;
+                    av[4 * u + 1] = a.y;
+                    av[4 * u + 2] = a.z;
+                    av[4 * u + 3] = a.w;
+                }
                 float bv[TN];
 #pragma unroll
                 for (int v = 0; v < NV; ++v) {
@@ -474,15 +485,25 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         unsigned int k0, unsigned int k1, float sqrt_alpha, int diag, int vec, float *__restrict__ x
 #define GLAG_SLOT_GEMM_CALL ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x
 
-// BN = 256 columns a block (d >= 256: each normal serves 256 FMAs per draw), BN = 64 for small d.
-// The register caps (128 and 64 a thread; no spills with NVRTC for sm_80 and sm_90) keep two and
-// four blocks an SM.
+// The slot GEMM's shapes, BM x BN a block (glag/kernels/cuda.py ``slot_gemm_shape`` picks one):
+//   bn64:        64 x 64, BK 16, for d < 256; a 64-register cap keeps four blocks an SM.
+//   bn256:       64 x 256, BK 16, d >= 256 (each normal serves 256 FMAs); 4 x 16 outputs a thread,
+//                a 128-register cap keeps two blocks an SM.
+//   bm128_bn256: 128 x 256, BK 8, d >= 256; 8 x 16 outputs a thread, one block an SM with up to
+//                255 registers: the same FMAs and normals a step as bn256 with half its loads of
+//                F_j^T, and no register cap (bn256's cap costs parameter reloads and moves in its
+//                K loop).
+// No spills with NVRTC for sm_80 and sm_90.
 extern "C" __global__ void __launch_bounds__(256, 2) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<256>(GLAG_SLOT_GEMM_CALL);
+    glag_slot_gemm<64, 256, 16>(GLAG_SLOT_GEMM_CALL);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 4) glag_slot_gemm_bn64(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<64>(GLAG_SLOT_GEMM_CALL);
+    glag_slot_gemm<64, 64, 16>(GLAG_SLOT_GEMM_CALL);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) glag_slot_gemm_bm128_bn256(GLAG_SLOT_GEMM_ARGS) {
+    glag_slot_gemm<128, 256, 8>(GLAG_SLOT_GEMM_CALL);
 }
 
 // Test hook: the normals of blocks (samples[i], stream, blocks[i], 0) -> out[i, 0..3].

@@ -8,8 +8,8 @@ torch work as usual.
 
 Work per call (METHOD.md, low-rank sampling), all on torch's stream, the host never waiting for
 the device: three small plan kernels group every slot's samples by support class and cut the
-groups into 64-row tiles (``glag_plan_count``, ``glag_plan_tiles``, ``glag_plan_rows``), then one
-``glag_slot_gemm_bn*`` launch a slot. Slot 0 writes ``x = mu' + e + its product``, the later
+groups into tiles of BM rows (``glag_plan_count``, ``glag_plan_tiles``, ``glag_plan_rows``), then
+one ``glag_slot_gemm_*`` launch a slot, of the tile shape :func:`slot_gemm_shape` picks. Slot 0 writes ``x = mu' + e + its product``, the later
 slots add theirs. Each GEMM's grid is an upper bound on its tile count (:func:`tile_bound`), and
 the blocks past the last tile return at once. A call launches about ten kernels (it was over a
 hundred torch ops when the grouping was done in torch, and the host time to launch them was
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,17 +31,40 @@ from .reference import seed_key
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("calibrated_sampler.cu")
-TILE_ROWS = 64  # BM of the kernels: samples a thread block
 THREADS = 256  # the kernels assume exactly 256 threads a block
-KERNELS = ("glag_plan_count", "glag_plan_tiles", "glag_plan_rows", "glag_slot_gemm_bn256", "glag_slot_gemm_bn64",
-           "glag_block_normals_kernel")
-
-__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "block_columns", "tile_bound", "SOURCE"]
+ENV_TILE = "GLAG_CUDA_TILE"
 
 
-def block_columns(d: int) -> int:
-    """Output columns a thread block of the slot GEMM covers (BN) at feature dimension d."""
-    return 256 if d >= 256 else 64
+class SlotGemm(NamedTuple):
+    """A slot-GEMM kernel of calibrated_sampler.cu and its block tile: BM samples x BN columns."""
+    kernel: str
+    bm: int
+    bn: int
+
+
+# d >= 256: "64x256" (4 x 16 outputs a thread, two blocks an SM) is the shape timed on H100/H200
+# so far; "128x256" (8 x 16 a thread, one block an SM, a quarter fewer instructions a K step
+# in its SASS) is the candidate, chosen with GLAG_CUDA_TILE=128x256 until it has been timed.
+WIDE_SHAPES = {"64x256": SlotGemm("glag_slot_gemm_bn256", 64, 256),
+               "128x256": SlotGemm("glag_slot_gemm_bm128_bn256", 128, 256)}
+NARROW_SHAPE = SlotGemm("glag_slot_gemm_bn64", 64, 64)  # d < 256
+DEFAULT_WIDE = "64x256"
+KERNELS = ("glag_plan_count", "glag_plan_tiles", "glag_plan_rows", NARROW_SHAPE.kernel,
+           *(s.kernel for s in WIDE_SHAPES.values()), "glag_block_normals_kernel")
+
+__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "slot_gemm_shape", "tile_bound", "SOURCE"]
+
+
+def slot_gemm_shape(d: int, tile: str | None = None) -> SlotGemm:
+    """The slot GEMM for feature dimension d: 64 x 64 below d = 256, else ``tile`` (one of
+    :data:`WIDE_SHAPES`), else ``$GLAG_CUDA_TILE``, else :data:`DEFAULT_WIDE`."""
+    if d < 256:
+        return NARROW_SHAPE
+    name = tile or os.environ.get(ENV_TILE) or DEFAULT_WIDE
+    if name not in WIDE_SHAPES:
+        raise ValueError(f"unknown CUDA tile shape {name!r} (from {'the tile argument' if tile else ENV_TILE}); "
+                         f"use one of {sorted(WIDE_SHAPES)}")
+    return WIDE_SHAPES[name]
 
 
 def _cupy():
@@ -114,10 +139,10 @@ class _on_torch_stream:
         self.dev.__exit__(*exc)
 
 
-def tile_bound(n_total: int, n_classes: int, m: int) -> int:
-    """Tiles a slot's GEMM grid is launched with: at least its number of tiles, without asking
-    the device (each class with samples adds at most one partial 64-row tile)."""
-    return n_total // TILE_ROWS + min(n_classes, m)
+def tile_bound(n_total: int, n_classes: int, m: int, bm: int) -> int:
+    """Tiles a slot's GEMM grid is launched with: at least its number of tiles of ``bm`` rows,
+    without asking the device (each class with samples adds at most one partial tile)."""
+    return n_total // bm + min(n_classes, m)
 
 
 def _grid(n_items: int) -> tuple[int]:
@@ -132,23 +157,23 @@ def placeholder_slot(m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.
             torch.zeros(2, dtype=torch.int64, device=device))
 
 
-def plan_cuda(support: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, n_total: int):
+def plan_cuda(support: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, n_total: int, bm: int):
     """Every slot's samples grouped by support class, and its tiles (the plan kernels).
 
     Args:
         support: (m, k) int64, counts: (m,) int64, offsets: (C+1,) int64, all contiguous on one
-            GPU; n_total: N = counts.sum().
+            GPU; n_total: N = counts.sum(); bm: rows a tile (the slot GEMM's BM).
     Returns:
         rows, row_seed (k, N) int64: per slot, the sample ids grouped by class (class ids in
         increasing order; within a class in no fixed order) and the seed row of each; tiles
-        (k, T, 3) int64: per slot, (class, begin, end) over that slot's ``rows``, at most 64
+        (k, T, 3) int64: per slot, (class, begin, end) over that slot's ``rows``, at most bm
         apart, for every class with samples (after slot 0 only those with r_j > 0), then empty
         tiles (0, 0, 0) up to T = :func:`tile_bound`.
     """
     device = support.device
     m, k = support.shape
     n_classes = offsets.numel() - 1
-    bound = tile_bound(n_total, n_classes, m)
+    bound = tile_bound(n_total, n_classes, m, bm)
     hist = torch.zeros((k, n_classes), dtype=torch.int64, device=device)  # uint64 in the kernels
     cursor = torch.empty_like(hist)
     tiles = torch.empty((k, bound, 3), dtype=torch.int64, device=device)
@@ -161,7 +186,7 @@ def plan_cuda(support: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor
         kern["glag_plan_count"](_grid(m * k), (THREADS,), (
             sup_c, cnt_c, np.int64(m), np.int32(k), np.int32(n_classes), _cp(hist)))
         kern["glag_plan_tiles"]((k,), (THREADS,), (
-            _cp(hist), _cp(offsets), np.int32(n_classes), np.int64(bound), cursor_c, _cp(tiles)))
+            _cp(hist), _cp(offsets), np.int32(n_classes), np.int32(bm), np.int64(bound), cursor_c, _cp(tiles)))
         kern["glag_plan_rows"](_grid(m * k), (THREADS,), (
             sup_c, cnt_c, _cp(ends), np.int64(m), np.int32(k), np.int32(n_classes),
             np.int64(n_total), cursor_c, _cp(rows), _cp(row_seed)))
@@ -179,6 +204,7 @@ def sample_cuda(
     alpha: float = 0.0,
     mode: str = "all",
     seed: int = 0,
+    tile: str | None = None,
 ) -> None:
     """Fill ``out`` (N, d) float32 on the GPU with calibrated samples (METHOD.md, low-rank sampling).
 
@@ -189,6 +215,8 @@ def sample_cuda(
         contiguous, on one device.
         out: (N, d) float32 contiguous CUDA tensor, N = counts.sum() < 2^32.
         alpha, mode, seed: as in :func:`glag.sampling.sample_calibrated`.
+        tile: the block tile at d >= 256 (:func:`slot_gemm_shape`); the samples are the same
+            for every shape, to float rounding.
     """
     device = mu.device
     m, d = mu.shape
@@ -198,9 +226,10 @@ def sample_cuda(
     if support.shape[1] == 0:
         support, weights, offsets = placeholder_slot(m, device)
     k = support.shape[1]
-    rows, row_seed, tiles = plan_cuda(support, counts, offsets, n_total)
-    bn = block_columns(d)
-    gemm = _kernels(_device_index(device))[f"glag_slot_gemm_bn{bn}"]
+    shape = slot_gemm_shape(d, tile)
+    rows, row_seed, tiles = plan_cuda(support, counts, offsets, n_total, shape.bm)
+    bn = shape.bn
+    gemm = _kernels(_device_index(device))[shape.kernel]
     vec = d % 4 == 0 and out.data_ptr() % 16 == 0 and mu.data_ptr() % 16 == 0  # float4 epilogue
     ft_c, off_c, rows_c, seed_c, tiles_c = map(_cp, (bank_t, offsets, rows, row_seed, tiles))
     head = (_cp(weights), _cp(mu), np.int32(k))

@@ -4,6 +4,7 @@ METHOD.md, "Sampling without a Cholesky per sample": x = mu' + sum_i sqrt(w_i) F
 covariance Sigma' = sum_i w_i Sigma_i + alpha (1 1^T, mode "all" | I, mode "diag").
 """
 import logging
+import os
 import sys
 
 import numpy as np
@@ -403,6 +404,46 @@ def test_bench_kernel_tiny_run(tmp_path):
     assert res["settings"]["settle_s"] == 0.01
     assert methods["glag-numba"]["samples_per_s"] > 0 and "speedup" in methods["glag-numba"]
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_cuda_target_for_every_tile_against_the_best_float32_torch():
+    """The GPU target line is given for the default tile and for each other one timed, each over
+    the fastest float32 torch method of the run (TF32 and d != 2048 not counted)."""
+    from glag.tools import bench_kernel
+
+    def res(d, rates):
+        return {"profile": "imagenet-lt", "d": d, "k": 3,
+                "methods": {n: {"samples_per_s": v} for n, v in rates.items()}}
+
+    results = [res(512, {"glag-cuda": 9.0, "glag-cuda-128x256": 9.0, "torch-lowrank": 1.0}),
+               res(2048, {"glag-cuda": 6.0, "glag-cuda-128x256": 9.0, "torch-mvn": 0.1, "torch-lowrank": 2.0,
+                          "torch-lowrank-graph": 4.0, "torch-lowrank-tf32": 8.0})]
+    targets = bench_kernel.check_targets(results)
+    assert [(t["config"], t["value"], t["pass"], t["baseline"]) for t in targets] == [
+        ("imagenet-lt d=2048 k=3", 1.5, False, "torch-lowrank-graph"),
+        ("imagenet-lt d=2048 k=3 128x256", 2.25, True, "torch-lowrank-graph")]
+
+
+def test_bench_cuda_tile_is_set_for_the_call_and_restored(monkeypatch):
+    """``make_glag(cuda_tile=...)`` sets GLAG_CUDA_TILE only while its call runs."""
+    from glag.kernels import cuda as kcuda
+    from glag.tools import bench_kernel
+
+    seen = []
+
+    def sample(*args, **kwargs):  # stands in for the sampler: records the tile it would see
+        seen.append(os.environ.get(kcuda.ENV_TILE))
+        return torch.empty(3, 2), None
+
+    monkeypatch.setattr("glag.sampling.sample_calibrated", sample)
+    job = bench_kernel.build_job("cifar100-lt", 8, 2, 1e5, np.random.default_rng(0), torch.device("cpu"), 0.1, "all")
+    monkeypatch.delenv(kcuda.ENV_TILE, raising=False)
+    assert bench_kernel.make_glag(job, "cuda", cuda_tile="128x256")() == 3
+    assert kcuda.ENV_TILE not in os.environ
+    monkeypatch.setenv(kcuda.ENV_TILE, "64x256")
+    bench_kernel.make_glag(job, "cuda", cuda_tile="128x256")()
+    bench_kernel.make_glag(job, "cuda")()
+    assert seen == ["128x256", "128x256", "64x256"] and os.environ[kcuda.ENV_TILE] == "64x256"
 
 
 def test_bench_lowrank_graph_needs_cuda():

@@ -67,24 +67,21 @@ template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F bo
 }
 extern "C" void emu_plan(const long long* support, const long long* counts, const long long* ends, long long m,
                          int k, const long long* offsets, int n_classes, long long n, long long bound,
-                         unsigned long long* hist, unsigned long long* cursor, long long* tiles, long long* rows,
-                         long long* row_seed, unsigned int grid) {
+                         int bm, unsigned long long* hist, unsigned long long* cursor, long long* tiles,
+                         long long* rows, long long* row_seed, unsigned int grid) {
     emu_launch(grid, 1, [&] { glag_plan_count(support, counts, m, k, n_classes, hist); });
-    emu_launch((unsigned int)k, 1, [&] { glag_plan_tiles(hist, offsets, n_classes, bound, cursor, tiles); });
+    emu_launch((unsigned int)k, 1, [&] { glag_plan_tiles(hist, offsets, n_classes, bm, bound, cursor, tiles); });
     emu_launch(grid, 1, [&] {
         glag_plan_rows(support, counts, ends, m, k, n_classes, n, cursor, rows, row_seed); });
 }
-extern "C" void emu_slot_gemm(int bn, long long n_tiles, const float* ft, const long long* offsets,
+extern "C" void emu_slot_gemm(int bm, int bn, long long n_tiles, const float* ft, const long long* offsets,
                               const long long* rows, const long long* row_seed, const long long* tiles,
                               const float* weights, const float* mu, int k, int slot, int d, unsigned int k0,
                               unsigned int k1, float sqrt_alpha, int diag, int vec, float* x) {
     const unsigned int gy = (unsigned int)((d + bn - 1) / bn);
-    if (bn == 256)
-        emu_launch((unsigned int)n_tiles, gy, [&] { glag_slot_gemm_bn256(
-            ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x); });
-    else
-        emu_launch((unsigned int)n_tiles, gy, [&] { glag_slot_gemm_bn64(
-            ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x); });
+    auto kernel = bn == 64 ? glag_slot_gemm_bn64 : bm == 128 ? glag_slot_gemm_bm128_bn256 : glag_slot_gemm_bn256;
+    emu_launch((unsigned int)n_tiles, gy, [&] {
+        kernel(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x); });
 }
 """
 
@@ -121,23 +118,24 @@ def _ptr(a):
     return a.ctypes.data_as(ctypes.c_void_p)
 
 
-def _emulated_plan(lib, support, counts, offsets, grid=2):
+def _emulated_plan(lib, support, counts, offsets, bm=64, grid=2):
     """kernels/cuda.py ``plan_cuda`` with the plan kernels run on the CPU: rows, row_seed, tiles."""
     support, counts, offsets = (np.ascontiguousarray(t.numpy(), np.int64) for t in (support, counts, offsets))
     (m, k), n_classes, n = support.shape, len(offsets) - 1, int(counts.sum())
-    bound = kcuda.tile_bound(n, n_classes, m)
+    bound = kcuda.tile_bound(n, n_classes, m, bm)
     hist, cursor = np.zeros((k, n_classes), np.uint64), np.empty((k, n_classes), np.uint64)
     tiles = np.empty((k, bound, 3), np.int64)
     rows, row_seed = np.empty((k, n), np.int64), np.empty((k, n), np.int64)
     lib.emu_plan(_ptr(support), _ptr(counts), _ptr(np.cumsum(counts)), ctypes.c_longlong(m), ctypes.c_int(k),
                  _ptr(offsets), ctypes.c_int(n_classes), ctypes.c_longlong(n), ctypes.c_longlong(bound),
-                 _ptr(hist), _ptr(cursor), _ptr(tiles), _ptr(rows), _ptr(row_seed), ctypes.c_uint(grid))
+                 ctypes.c_int(bm), _ptr(hist), _ptr(cursor), _ptr(tiles), _ptr(rows), _ptr(row_seed), ctypes.c_uint(grid))
     return rows, row_seed, tiles
 
 
-def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed, misalign=False):
+def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed, misalign=False, tile=None):
     """The host side of kernels/cuda.py ``sample_cuda``, with the kernels run on the CPU.
-    ``misalign``: x starts 4 bytes past a 16-byte boundary (the scalar epilogue at d % 4 == 0)."""
+    ``misalign``: x starts 4 bytes past a 16-byte boundary (the scalar epilogue at d % 4 == 0).
+    ``tile``: the block tile at d >= 256, as in ``sample_cuda``."""
     m, d = mu.shape
     n = int(counts.sum())
     offsets = bank.offsets
@@ -152,37 +150,67 @@ def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed, misal
     vec = d % 4 == 0 and x.ctypes.data % 16 == 0 and mu_n.ctypes.data % 16 == 0
     assert vec != misalign or d % 4 != 0
     k0, k1 = reference.seed_key(seed)
-    bn = kcuda.block_columns(d)
-    rows, row_seed, tiles = _emulated_plan(lib, support, counts, offsets)
+    shape = kcuda.slot_gemm_shape(d, tile)
+    rows, row_seed, tiles = _emulated_plan(lib, support, counts, offsets, shape.bm)
     for slot in range(k):
-        lib.emu_slot_gemm(ctypes.c_int(bn), ctypes.c_longlong(tiles.shape[1]), _ptr(ft), _ptr(off_n),
+        lib.emu_slot_gemm(ctypes.c_int(shape.bm), ctypes.c_int(shape.bn), ctypes.c_longlong(tiles.shape[1]), _ptr(ft), _ptr(off_n),
                           _ptr(rows[slot]), _ptr(row_seed[slot]), _ptr(tiles[slot]), _ptr(w_n), _ptr(mu_n),
                           ctypes.c_int(k), ctypes.c_int(slot), ctypes.c_int(d), ctypes.c_uint(k0), ctypes.c_uint(k1),
                           ctypes.c_float(alpha**0.5), ctypes.c_int(mode == "diag"), ctypes.c_int(vec), _ptr(x))
     return torch.from_numpy(x.copy())
 
 
-@pytest.mark.parametrize("d,k,mode,alpha,misalign", [
-    (37, 3, "all", 0.1, False), (300, 3, "diag", 0.2, False), (300, 2, "diag", 0.2, True), (300, 0, "diag", 0.3, False),
+def _emulated_problem(d, k):
+    """Factors of rank 0 / < 16 / not a multiple of 8 or 16 / = d (n > d), a seed row with no
+    samples, 213 samples: tiles of 64 and of 128 rows, full and partial."""
+    return _problem(d, ns=(1, 5, 20, 37, 70, 400), m=6, k=k, counts=[0, 3, 70, 1, 130, 9])
+
+
+@pytest.mark.parametrize("d,k,mode,alpha,misalign,tile", [
+    (37, 3, "all", 0.1, False, None), (300, 3, "diag", 0.2, False, "64x256"), (300, 2, "diag", 0.2, True, "64x256"),
+    (300, 0, "diag", 0.3, False, "64x256"), (300, 3, "all", 0.2, False, "128x256"),
+    (300, 2, "diag", 0.2, True, "128x256"), (300, 0, "diag", 0.3, False, "128x256"),
 ])
-def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, k, mode, alpha, misalign):
-    """BN = 64 (d = 37, scalar epilogue) and BN = 256 (d = 300, two column blocks, float4 epilogue;
-    scalar with x misaligned); tiles of 64 rows, partial tiles, empty tiles padding the grid,
-    r = 0 / r < 16 / r not a multiple of 16 / r = d, a seed row with no samples, k = 0 (x = mu' + e
-    from the placeholder slot)."""
-    bank, mu, support, w, counts, labels = _problem(d, ns=(1, 5, 20, 37, 70, 400), m=6, k=k,
-                                                    counts=[0, 3, 70, 1, 130, 9])
-    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5, misalign=misalign)
+def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, k, mode, alpha, misalign, tile):
+    """64 x 64 (d = 37, scalar epilogue), 64 x 256 and 128 x 256 (d = 300, two column blocks,
+    float4 epilogue; scalar with x misaligned); partial tiles, empty tiles padding the grid, k = 0
+    (x = mu' + e from the placeholder slot)."""
+    bank, mu, support, w, counts, labels = _emulated_problem(d, k)
+    x = _emulated_sample(emulator, bank, mu, support, w, counts, alpha, mode, seed=2**33 + 5, misalign=misalign,
+                         tile=tile)
     xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, 2**33 + 5, backend="torch")
     assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_plan_groups_each_sample_once_and_pads_with_empty_tiles(emulator, seed):
+def test_cuda_tile_shapes_emulated_give_identical_samples(emulator):
+    """64 x 256 (K steps of 16) and 128 x 256 (K steps of 8) compute each output as the same
+    products added in the same order, so their samples are equal bit for bit."""
+    bank, mu, support, w, counts, _ = _emulated_problem(300, 3)
+    x64, x128 = (_emulated_sample(emulator, bank, mu, support, w, counts, 0.2, "diag", seed=11, tile=t)
+                 for t in ("64x256", "128x256"))
+    assert torch.equal(x64, x128)
+
+
+def test_slot_gemm_shape_choice(monkeypatch):
+    """64 x 64 below d = 256 whatever is asked; above, the argument, then $GLAG_CUDA_TILE, then the
+    default; an unknown shape is an error that names the valid ones."""
+    monkeypatch.delenv(kcuda.ENV_TILE, raising=False)
+    assert kcuda.slot_gemm_shape(255, "128x256") == kcuda.NARROW_SHAPE
+    assert kcuda.slot_gemm_shape(256) == kcuda.WIDE_SHAPES[kcuda.DEFAULT_WIDE]
+    monkeypatch.setenv(kcuda.ENV_TILE, "128x256")
+    assert kcuda.slot_gemm_shape(2048).bm == 128
+    assert kcuda.slot_gemm_shape(2048, "64x256").bm == 64
+    monkeypatch.setenv(kcuda.ENV_TILE, "96x256")
+    with pytest.raises(ValueError, match=r"'96x256' \(from GLAG_CUDA_TILE\).*'128x256', '64x256'"):
+        kcuda.slot_gemm_shape(512)
+
+
+@pytest.mark.parametrize("seed,bm", [(s, 64) for s in range(5)] + [(s, 128) for s in range(2)])
+def test_plan_groups_each_sample_once_and_pads_with_empty_tiles(emulator, seed, bm):
     """The plan kernels (emulated; two blocks, so the grid-stride loops turn): in each slot, rows
     is every sample once, grouped by class in increasing order, row_seed its seed row; every
     sample in exactly one tile of its class (after slot 0 only classes with r_j > 0), tiles of
-    <= 64 rows, then only empty tiles up to the bound."""
+    <= bm rows, all full but a class's last, then only empty tiles up to the bound."""
     g = torch.Generator().manual_seed(seed)
     n_classes, m, k = 9, 40, 3
     ranks = torch.randint(0, 3, (n_classes,), generator=g) * torch.randint(1, 50, (n_classes,), generator=g)
@@ -190,8 +218,8 @@ def test_plan_groups_each_sample_once_and_pads_with_empty_tiles(emulator, seed):
     support = torch.randint(0, n_classes, (m, k), generator=g)
     counts = torch.randint(0, 200, (m,), generator=g) * (torch.rand(m, generator=g) < 0.8)
     n = int(counts.sum())
-    rows, row_seed, tiles = _emulated_plan(emulator, support, counts, offsets)
-    assert tiles.shape == (k, kcuda.tile_bound(n, n_classes, m), 3)
+    rows, row_seed, tiles = _emulated_plan(emulator, support, counts, offsets, bm)
+    assert tiles.shape == (k, kcuda.tile_bound(n, n_classes, m, bm), 3)
     seed_of = np.repeat(np.arange(m), counts.numpy())
     for slot in range(k):
         rows_s, tiles_s, cls = rows[slot], tiles[slot], support[:, slot].numpy()
@@ -199,12 +227,13 @@ def test_plan_groups_each_sample_once_and_pads_with_empty_tiles(emulator, seed):
         assert np.array_equal(row_seed[slot], seed_of[rows_s])
         assert np.all(np.diff(cls[row_seed[slot]]) >= 0)  # grouped by class, in class order
         lengths = tiles_s[:, 2] - tiles_s[:, 1]
-        assert ((lengths >= 0) & (lengths <= kcuda.TILE_ROWS)).all()
+        assert ((lengths >= 0) & (lengths <= bm)).all()
         n_real = int((lengths > 0).sum())
         assert (lengths[:n_real] > 0).all() and (lengths[n_real:] == 0).all() and (tiles_s[n_real:] == 0).all()
         covered = []
-        for j, b, e in tiles_s[:n_real].tolist():
+        for t, (j, b, e) in enumerate(tiles_s[:n_real].tolist()):
             assert (cls[row_seed[slot][b:e]] == j).all() and (slot == 0 or ranks[j] > 0)
+            assert e - b == bm or t == n_real - 1 or tiles_s[t + 1, 0] != j  # only a class's last is short
             covered += rows_s[b:e].tolist()
         expected = np.flatnonzero((ranks.numpy()[cls[seed_of]] > 0) | (slot == 0))
         assert sorted(covered) == expected.tolist()
@@ -224,9 +253,12 @@ def test_cuda_normals_match_reference():
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("d", [13, 64, 300, 2048])
+@pytest.mark.parametrize("d,tile", [(13, None), (64, None), (300, "64x256"), (2048, "64x256"), (300, "128x256"),
+                                    (2048, "128x256")])
 @pytest.mark.parametrize("k,mode,alpha", [(0, "diag", 0.3), (1, "all", 0.0), (2, "all", 0.1), (3, "diag", 0.2)])
-def test_cuda_matches_reference(d, k, mode, alpha):
+def test_cuda_matches_reference(monkeypatch, d, tile, k, mode, alpha):
+    if tile:
+        monkeypatch.setenv(kcuda.ENV_TILE, tile)
     bank, mu, support, w, counts, labels = _problem(d, ns=(1, 6, 17, d, d + 40, 80), m=7, k=k,
                                                     counts=[0, 3, 70, 1, 130, 9, 64])
     dev = torch.device("cuda")
@@ -236,6 +268,24 @@ def test_cuda_matches_reference(d, k, mode, alpha):
     xr, yr = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, 7, backend="torch")
     assert x.is_cuda and y.is_cuda and torch.equal(y.cpu(), yr)
     assert (x.cpu() - xr).abs().max() / xr.abs().max() <= 1e-5
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("d", [300, 2048])
+def test_cuda_tile_shapes_give_identical_samples(monkeypatch, d):
+    """On the GPU as in the emulator: 64 x 256 and 128 x 256 add the same products in the same
+    order, so the samples are equal bit for bit."""
+    bank, mu, support, w, counts, labels = _problem(d, ns=(1, 6, 17, d, d + 40, 80), m=7, k=3,
+                                                    counts=[0, 3, 70, 1, 130, 9, 300])
+    dev = torch.device("cuda")
+    args = [t.to(dev) for t in (mu, support, w, counts, labels)]
+    bank_gpu = FactorBank(bank.data.to(dev), bank.offsets)
+    xs = []
+    for tile in ("64x256", "128x256"):
+        monkeypatch.setenv(kcuda.ENV_TILE, tile)
+        xs.append(sample_calibrated(bank_gpu, *args, alpha=0.2, mode="diag", seed=5, backend="cuda")[0])
+    assert torch.equal(xs[0], xs[1])
 
 
 @gpu

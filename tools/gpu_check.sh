@@ -9,9 +9,11 @@
 # 2. the sampler tests, GPU ones included (tests/test_sampling_gpu.py, marked gpu), plus the CPU
 #    ones: cuda vs the float64 reference and vs numba, moments, CPU-input round trip
 # 3. glag-bench --device cuda on cifar100-lt and imagenet-lt, d = 2048 / 512 / 64 (the target
-#    first), k = 3: glag-cuda against torch (float32 eager, float32 replayed from a CUDA graph,
-#    and TF32), with % of the FP32 peak
-# 4. compute-sanitizer memcheck on a small call, when the tool is there (some hosts refuse it)
+#    first), k = 3: glag-cuda (default tile, and glag-cuda-<tile> for the others at d >= 256)
+#    against torch (float32 eager, float32 replayed from a CUDA graph, and TF32), with % of the
+#    FP32 peak
+# 4. compute-sanitizer memcheck on a small call, every tile shape, when the tool is there (some
+#    hosts refuse it)
 # Everything is logged to $OUT/gpu_check.log (or ./gpu_check_out/ when OUT is unset), with the
 # benchmark's JSON and plot beside it. Exit status: non-zero if a step failed.
 set -uo pipefail
@@ -55,12 +57,16 @@ EOF
         --out "$OUT_DIR/bench_kernel_gpu.json" --plot "$OUT_DIR/bench_kernel_gpu.png" --no-progress || status=1
 
     if command -v compute-sanitizer >/dev/null 2>&1; then
-        step "compute-sanitizer memcheck (small call, d = 300 and 37)"
+        step "compute-sanitizer memcheck (small call, d = 300 with each tile, and 37)"
         timeout 80 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" - <<'EOF' || status=1
+import os
 import torch
+from glag.kernels.cuda import ENV_TILE, WIDE_SHAPES
 from glag.sampling import FactorBank, class_factor, sample_calibrated
 g = torch.Generator().manual_seed(0)
-for d in (300, 37):
+for d, tile in [(300, t) for t in WIDE_SHAPES] + [(37, None)]:
+    if tile:
+        os.environ[ENV_TILE] = tile
     bank = FactorBank.from_factors([class_factor(torch.randn(n, d, generator=g)) for n in (1, 5, 70, 400)])
     bank = FactorBank(bank.data.cuda(), bank.offsets)
     m, k = 5, 3
@@ -70,7 +76,7 @@ for d in (300, 37):
     counts = torch.tensor([0, 3, 70, 1, 130]).cuda()
     x, y = sample_calibrated(bank, mu, sup, w, counts, torch.arange(m).cuda(), 0.1, "diag", 1, backend="cuda")
     torch.cuda.synchronize()
-    print("d", d, "ok", tuple(x.shape), bool(torch.isfinite(x).all()))
+    print("d", d, "tile", tile or "64x64", "ok", tuple(x.shape), bool(torch.isfinite(x).all()))
 EOF
     fi
 
