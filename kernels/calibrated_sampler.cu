@@ -298,16 +298,16 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
 //             position in rows (<= BM apart; empty tiles pad the grid).
 //   weights:  (m, k) float32.  mu: (m, d) float32.  vec: x and mu rows are 16-byte aligned
 //             (d % 4 == 0), so the epilogue moves float4s.
-// Block tile BM rows x BN columns, K steps of BK components, BM * BK = 1024. Block: 256 threads =
-// 16 x 16; thread (ty, tx) owns rows ty*TM .. ty*TM+TM-1 of the tile (TM = BM / 16) and columns
-// n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory; each
-// thread's 4 columns are one Philox block of the dispersion noise).
+// Block tile BM rows x BN columns, K steps of BK components, NT threads, BM * BK = 4 NT. Threads
+// (NT / 16) x 16: thread (ty, tx) owns rows ty*TM .. ty*TM+TM-1 of the tile (TM = 16 BM / NT) and
+// columns n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory;
+// each thread's 4 columns are one Philox block of the dispersion noise).
 // Per K step, thread (g_row = tid / (BK / 4), g_blk = tid % (BK / 4)) draws the 4 normals of Philox
 // block (c0 / 4 + g_blk) of its row: one Philox call per thread per step.
 // Two shared-memory stages, one barrier a step: step t multiplies stage t % 2 while this thread's
 // loads of F_j^T for step t + 1 are in flight (into registers); then it draws step t + 1's
 // normals and stores both into the other stage.
-template <int BM, int BN, int BK>
+template <int BM, int BN, int BK, int NT>
 __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, const long long* __restrict__ offsets,
                                                const long long* __restrict__ rows,
                                                const long long* __restrict__ row_seed,
@@ -315,9 +315,11 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
                                                const float* __restrict__ weights, const float* __restrict__ mu,
                                                int k, int slot, int d, unsigned int k0, unsigned int k1,
                                                float sqrt_alpha, int diag, int vec, float* __restrict__ x) {
-    static_assert(BM * BK == 1024 && (BK == 16 || BK == 8) && BM % 64 == 0 && BN % 64 == 0, "one Philox block a thread a step");
-    constexpr int TM = BM / 16, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
-    constexpr int NB = BK * BN / 256;  // values of F_j^T a thread loads a step
+    static_assert(BM * BK == 4 * NT && (BK == 16 || BK == 8), "one Philox block a thread a step");
+    static_assert(NT >= BM && NT % 16 == 0 && (16 * BM) % NT == 0 && BN % 64 == 0, "a thread a row in the set-up");
+    constexpr int TM = 16 * BM / NT, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
+    static_assert(TM % 4 == 0, "float4 reads of A");
+    constexpr int NB = BK * BN / NT;  // values of F_j^T a thread loads a step
     __shared__ __align__(16) float a_s[2][BK * APAD];  // A^T tile: a_s[.][kk * APAD + row]
     __shared__ __align__(16) float b_s[2][BK * BN];    // B tile:   b_s[.][kk * BN + col]
     __shared__ long long row_s[BM], seed_s[BM];
@@ -344,14 +346,18 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         const float g_scale = scale_s[g_row];
         float z[4];     // this thread's normals of the step being staged
         float bq[NB];   // this thread's values of F_j^T of that step
-        // B: F_j^T rows c0..c0+BK-1, columns n0..n0+BN-1 (coalesced along d). Element p of this
-        // thread is row c0 + b_kk + RP p, column n0 + b_nn, stored at b_s[.][tid + 256 p].
-        constexpr int RP = 256 / BN;  // rows of B a pass of the block covers
+        // B: F_j^T rows c0..c0+BK-1, columns n0..n0+BN-1 (coalesced along d), row-major in b_s:
+        // element p of this thread is b_s[.][tid + NT p], row c0 + b_kk + RP (p / CP), column
+        // n0 + b_nn + NT (p % CP).
+        constexpr int RP = NT >= BN ? NT / BN : 1;  // rows of B a pass of the block covers
+        constexpr int CP = BN >= NT ? BN / NT : 1;  // passes a row of B takes
         const int b_kk = tid / BN, b_nn = tid % BN;
-        const bool b_col_in = n0 + b_nn < d;
+        bool b_col_in[CP];
+#pragma unroll
+        for (int q = 0; q < CP; ++q) b_col_in[q] = n0 + b_nn + NT * q < d;
         const float* b_base = ft + (off + b_kk) * (long long)d + n0 + b_nn;
-        auto b_in = [&](int c0, int p) { return b_col_in && c0 + b_kk + RP * p < r; };
-        auto b_at = [&](int c0, int p) { return b_base + (long long)(c0 + RP * p) * d; };
+        auto b_in = [&](int c0, int p) { return b_col_in[p % CP] && c0 + b_kk + RP * (p / CP) < r; };
+        auto b_at = [&](int c0, int p) { return b_base + (long long)(c0 + RP * (p / CP)) * d + NT * (p % CP); };
         auto load_b = [&](int c0) {
 #pragma unroll
             for (int p = 0; p < NB; ++p) bq[p] = b_in(c0, p) ? *b_at(c0, p) : 0.0f;
@@ -370,7 +376,7 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
 #pragma unroll
             for (int q = 0; q < 4; ++q) a_s[buf][(4 * g_blk + q) * APAD + g_row] = z[q];
 #pragma unroll
-            for (int p = 0; p < NB; ++p) b_s[buf][tid + 256 * p] = bq[p];
+            for (int p = 0; p < NB; ++p) b_s[buf][tid + NT * p] = bq[p];
         };
         auto multiply = [&](int buf) {
 #pragma unroll
@@ -486,24 +492,30 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
 #define GLAG_SLOT_GEMM_CALL ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x
 
 // The slot GEMM's shapes, BM x BN a block (glag/kernels/cuda.py ``slot_gemm_shape`` picks one):
-//   bn64:        64 x 64, BK 16, for d < 256; a 64-register cap keeps four blocks an SM.
-//   bn256:       64 x 256, BK 16, d >= 256 (each normal serves 256 FMAs); 4 x 16 outputs a thread,
-//                a 128-register cap keeps two blocks an SM.
-//   bm128_bn256: 128 x 256, BK 8, d >= 256; 8 x 16 outputs a thread, one block an SM with up to
-//                255 registers: the same FMAs and normals a step as bn256 with half its loads of
-//                F_j^T, and no register cap (bn256's cap costs parameter reloads and moves in its
-//                K loop).
+//   bn64:        64 x 64, BK 16, 256 threads, d < 256; a 64-register cap keeps four blocks an SM.
+//   bn256:       64 x 256, BK 16, 256 threads, d >= 256 (each normal serves 256 FMAs); 4 x 16
+//                outputs a thread, a 128-register cap keeps two blocks an SM.
+//   bm128_bn256: 128 x 256, BK 8, 256 threads, d >= 256; 8 x 16 outputs a thread, one block an
+//                SM with up to 255 registers: the same FMAs and normals a thread a step as bn256
+//                with half its loads of F_j^T, and no register cap (bn256's cap costs parameter
+//                reloads and moves in its K loop).
+//   bn256_t128:  64 x 256, BK 8, 128 threads, d >= 256; 8 x 16 outputs a thread as bm128_bn256,
+//                in two blocks an SM, over bn256's 64-row tiles.
 // No spills with NVRTC for sm_80 and sm_90.
 extern "C" __global__ void __launch_bounds__(256, 2) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<64, 256, 16>(GLAG_SLOT_GEMM_CALL);
+    glag_slot_gemm<64, 256, 16, 256>(GLAG_SLOT_GEMM_CALL);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 4) glag_slot_gemm_bn64(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<64, 64, 16>(GLAG_SLOT_GEMM_CALL);
+    glag_slot_gemm<64, 64, 16, 256>(GLAG_SLOT_GEMM_CALL);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) glag_slot_gemm_bm128_bn256(GLAG_SLOT_GEMM_ARGS) {
-    glag_slot_gemm<128, 256, 8>(GLAG_SLOT_GEMM_CALL);
+    glag_slot_gemm<128, 256, 8, 256>(GLAG_SLOT_GEMM_CALL);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2) glag_slot_gemm_bn256_t128(GLAG_SLOT_GEMM_ARGS) {
+    glag_slot_gemm<64, 256, 8, 128>(GLAG_SLOT_GEMM_CALL);
 }
 
 // Test hook: the normals of blocks (samples[i], stream, blocks[i], 0) -> out[i, 0..3].

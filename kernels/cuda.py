@@ -31,23 +31,28 @@ from .reference import seed_key
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("calibrated_sampler.cu")
-THREADS = 256  # the kernels assume exactly 256 threads a block
+THREADS = 256  # threads a block of the plan kernels (the slot GEMMs: SlotGemm.threads)
 ENV_TILE = "GLAG_CUDA_TILE"
 
 
 class SlotGemm(NamedTuple):
-    """A slot-GEMM kernel of calibrated_sampler.cu and its block tile: BM samples x BN columns."""
+    """A slot-GEMM kernel of calibrated_sampler.cu, its block tile (BM samples x BN columns) and
+    the threads of its block (exactly these)."""
     kernel: str
     bm: int
     bn: int
+    threads: int
 
 
-# d >= 256: "64x256" (4 x 16 outputs a thread, two blocks an SM) is the shape timed on H100/H200
-# so far; "128x256" (8 x 16 a thread, one block an SM, a quarter fewer instructions a K step
-# in its SASS) is the candidate, chosen with GLAG_CUDA_TILE=128x256 until it has been timed.
-WIDE_SHAPES = {"64x256": SlotGemm("glag_slot_gemm_bn256", 64, 256),
-               "128x256": SlotGemm("glag_slot_gemm_bm128_bn256", 128, 256)}
-NARROW_SHAPE = SlotGemm("glag_slot_gemm_bn64", 64, 64)  # d < 256
+# d >= 256: "64x256" (256 threads, 4 x 16 outputs a thread, two blocks an SM under a 128-register
+# cap) is the shape timed on H100/H200 so far. The candidates, 8 x 16 outputs a thread and no
+# register cap, about 13 % fewer instructions a K step in their SASS, chosen with GLAG_CUDA_TILE
+# until a GPU has timed them: "128x256" (256 threads, one block an SM) and "64x256t128" (128
+# threads, two blocks an SM, the 64-row tiles of the default).
+WIDE_SHAPES = {"64x256": SlotGemm("glag_slot_gemm_bn256", 64, 256, 256),
+               "128x256": SlotGemm("glag_slot_gemm_bm128_bn256", 128, 256, 256),
+               "64x256t128": SlotGemm("glag_slot_gemm_bn256_t128", 64, 256, 128)}
+NARROW_SHAPE = SlotGemm("glag_slot_gemm_bn64", 64, 64, 256)  # d < 256
 DEFAULT_WIDE = "64x256"
 KERNELS = ("glag_plan_count", "glag_plan_tiles", "glag_plan_rows", NARROW_SHAPE.kernel,
            *(s.kernel for s in WIDE_SHAPES.values()), "glag_block_normals_kernel")
@@ -237,7 +242,7 @@ def sample_cuda(
             np.int32(mode == "diag"), np.int32(vec), _cp(out))
     with _on_torch_stream(device):
         for slot in range(k):  # one launch a slot: each output element has one writer a launch
-            gemm((tiles.shape[1], (d + bn - 1) // bn), (THREADS,),
+            gemm((tiles.shape[1], (d + bn - 1) // bn), (shape.threads,),
                  (ft_c, off_c, rows_c[slot], seed_c[slot], tiles_c[slot], *head, np.int32(slot), *tail))
 
 
