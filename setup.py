@@ -40,13 +40,13 @@ setup(
     extras_require={"gpu": ["cupy-cuda12x", "faiss-gpu-cu12"]},
     entry_points={
         "console_scripts": [
-            "glag-train=glag.tools.train_stage1:main",
+            "glag-train=glag.tools.train_stage1:cli",
             "glag-extract=glag.tools.extract:main",
-            "glag-afg-train=glag.tools.afg_train:main",
+            "glag-afg-train=glag.tools.afg_train:cli",
             "glag-bench=glag.tools.bench_kernel:main",
             "glag-bench-stage2=glag.tools.bench_stage2:main",
-            "glag-pipeline=glag.tools.pipeline:main",
-            "glag-experiment=glag.tools.experiment:main",
+            "glag-pipeline=glag.tools.pipeline:cli",
+            "glag-experiment=glag.tools.experiment:cli",
         ]
     },
 )

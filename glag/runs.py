@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import RunExistsError, UsageError
+
 log = logging.getLogger(__name__)
+
+# the process's umask (read once, at import: setting it is the only way to read it, and that is
+# not thread-safe); files written atomically get the mode open() would have given them
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _atomic_replace(path: Path, write) -> None:
@@ -35,6 +42,7 @@ def _atomic_replace(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: readable by its owner only
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -68,7 +76,7 @@ def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epoc
     the result is then not the uninterrupted run's. An option missing on either side is not compared.
 
     Raises:
-        ValueError: naming each option that differs, with both values, and the fix.
+        UsageError: naming each option that differs, with both values, and the fix.
     """
     def norm(v):  # tuples and lists alike, as config.json stores them
         return json.loads(json.dumps(v, default=_jsonable))
@@ -81,8 +89,26 @@ def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epoc
     diff = [k for k in diff if k not in warn]
     if diff:
         details = "; ".join(f"--{k.replace('_', '-')}: {saved[k]!r} in the run, {current[k]!r} now" for k in diff)
-        raise ValueError(f"{where} was started with other options ({details}). Resume with the run's own options "
+        raise UsageError(f"{where} was started with other options ({details}). Resume with the run's own options "
                          f"(--resume alone reads them from the run's config.json) or choose another --out")
+
+
+def continue_epochs(run: "RunDir", epochs: int, done: int, write: bool = True) -> None:
+    """A resumed run's ``--epochs``: refused below the epochs it has done; a new value is written
+    into its ``config.json`` (the folder describes the run as it ends; ``write=False``: check only,
+    for the processes of a distributed run other than the one that writes).
+
+    Raises:
+        UsageError: ``epochs < done``, naming both and the fix.
+    """
+    if epochs < done:
+        raise UsageError(f"{run.path} has trained {done} epochs already; --epochs {epochs} is fewer. Resume with "
+                         f"--epochs {done} or more, or choose another --out")
+    path = run / "config.json"
+    if write and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("epochs", epochs) != epochs:
+            atomic_write_json(path, {**saved, "epochs": epochs})
 
 
 def _jsonable(x):
@@ -149,16 +175,31 @@ def seed_everything(seed: int) -> None:
 class RunDir:
     """A run folder. ``RunDir(path)`` creates it; ``resume=True`` accepts an existing one.
 
-    Writing a new run into a folder that already holds a run is refused (nothing is overwritten):
-    pass ``resume=True`` to continue it, or choose another ``--out``.
+    Nothing that is not the run's is ever overwritten: a new run needs a folder that does not
+    exist or is empty. A folder that holds a run (its ``marker``) needs ``resume=True``; one that
+    holds other files is refused either way (:class:`glag.errors.RunExistsError`), and so is a
+    path that is a file (:class:`glag.errors.UsageError`).
     """
 
     def __init__(self, path, *, resume: bool = False, marker: str = "config.json"):
         self.path = Path(path)
-        if self.path.exists() and (self.path / marker).exists() and not resume:
-            raise FileExistsError(
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {self.path} is a file; a run needs a folder: choose another --out")
+        if self.path.is_dir() and not (self.path / marker).exists():
+            # hidden names are not the user's work (and include a killed atomic write's temporary file)
+            others = sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
+            if others and not resume:
+                shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+                raise RunExistsError(f"--out {self.path} is not empty ({shown}) and holds no run (no {marker}); "
+                                     f"its files would be overwritten: choose a new or empty folder")
+        elif self.path.is_dir() and not resume:
+            raise RunExistsError(
                 f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent that is a file, no permission, ...
+            raise UsageError(f"cannot make the run folder --out {self.path}: {exc.strerror or exc}; "
+                             f"choose another --out") from exc
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

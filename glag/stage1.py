@@ -46,11 +46,26 @@ from .inference import iterate_outputs
 from .losses import SCHEDULES, StageOneLoss, log_prior
 from .metrics import format_table, summarize
 from .models import create_model
-from .runs import RunDir, atomic_torch_save, check_resume_options, seed_everything
+from .options import check_ranges
+from .runs import RunDir, atomic_torch_save, check_resume_options, continue_epochs, seed_everything
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+
+
+# What each option must be (glag.options.check_ranges; None where allowed means unset).
+_RANGES = dict(
+    int_min={"n_max": 1, "val_per_class": 1, "image_size": 1, "epochs": 1, "batch_size": 1, "warmup_epochs": 0,
+             "seed": 0, "num_workers": 0, "eval_batch_size": 1, "threads": 1},
+    float_range={  # (low, low inclusive, high, high inclusive)
+        "imbalance_factor": (1.0, True, math.inf, False), "tau": (0.0, True, math.inf, False),
+        "tau_alpha": (0.0, True, math.inf, False), "tau_beta": (0.0, True, math.inf, False),
+        "lr": (0.0, False, math.inf, False), "momentum": (0.0, True, 1.0, False),
+        "weight_decay": (0.0, True, math.inf, False)},
+    choices={"loss": StageOneLoss.METHODS, "schedule": SCHEDULES},
+    unset_ok={"threads"},
+)
 
 
 @dataclass
@@ -89,12 +104,8 @@ class Stage1Config:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.loss not in StageOneLoss.METHODS:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(StageOneLoss.METHODS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("--epochs and --batch-size must be at least 1")
+        """Check every option (UsageError naming the flag) and fill in the default arch."""
+        check_ranges(dataclasses.asdict(self), **_RANGES)
         if self.arch is None:
             self.arch = "resnet10" if self.dataset in ("list", "folder") else "resnet32"
 
@@ -218,6 +229,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
             raise ValueError(f"{last_path} was trained on {ckpt['num_classes']} classes of "
                              f"{list(ckpt['class_counts'])} images, but the data now gives {data.num_classes} of "
                              f"{counts.tolist()}; point --data-root at the run's data or choose another --out")
+        continue_epochs(run, cfg.epochs, ckpt["epoch"], write=main)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_val, best_epoch = ckpt["epoch"], ckpt["best_val"], ckpt["best_epoch"]

@@ -42,12 +42,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import afg, streaming
+from .errors import UsageError
 from .features import open_features
-from .losses import ce_kd_logit_grad, kd_loss, tau_schedule
+from .losses import SCHEDULES, ce_kd_logit_grad, kd_loss, tau_schedule
 from .metrics import format_table, per_class_accuracy, summarize
 from .optim import MomentumSGD
+from .options import check_ranges
 from .runs import (RunDir, atomic_torch_save, atomic_write_bytes, atomic_write_json, check_resume_options,
-                   seed_everything)
+                   continue_epochs, seed_everything)
 from .sampling import sample_calibrated
 
 log = logging.getLogger(__name__)
@@ -102,40 +104,62 @@ class Stage2Config:
     max_steps_per_epoch: int | None = None  # stop each epoch after this many steps (benchmarks, smoke runs)
 
     def resolved(self) -> "Stage2Config":
-        """A copy with the method's preset filled in where a field is None."""
+        """A copy with the method's preset filled in where a field is None, every value checked.
+
+        Raises:
+            UsageError: naming the option (as its command-line flag), the value and what it must be.
+        """
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         values = dataclasses.asdict(self)
+        check_ranges(values, **_RANGES)
         preset = METHODS[self.method]
         for key, val in preset.items():
-            if key == "omega_init":
-                values[key] = val
+            if key == "omega_init":  # dc: its fixed k/(k+1), unless a number was asked for
+                if values[key] == "auto":
+                    values[key] = val
             elif values[key] is None:
                 values[key] = val
         if values["omega_init"] is None:
             values["omega_init"] = afg.dc_omega(self.k)
         values["omega_grid"] = tuple(float(w) for w in values["omega_grid"])
         if not values["omega_grid"] or not all(0.0 <= w <= 1.0 for w in values["omega_grid"]):
-            raise ValueError(f"--omega-grid needs one or more values in [0, 1], got {list(values['omega_grid'])}")
+            raise UsageError(f"--omega-grid needs one or more values in [0, 1], got {list(values['omega_grid'])}")
         if isinstance(values["omega_init"], str):
             if values["omega_init"] != "auto":
                 try:
                     values["omega_init"] = float(values["omega_init"])
                 except ValueError:
-                    raise ValueError(f"--omega-init must be a number in [0, 1] or 'auto', got "
+                    raise UsageError(f"--omega-init must be a number in [0, 1] or 'auto', got "
                                      f"{values['omega_init']!r}") from None
             elif not values["generate"]:
                 # ω is unused (crt): nothing to choose
                 values["omega_init"] = values["omega_grid"][0]
         if not isinstance(values["omega_init"], str) and not 0.0 <= values["omega_init"] <= 1.0:
-            raise ValueError(f"--omega-init must lie in [0, 1], got {values['omega_init']}")
+            raise UsageError(f"--omega-init must lie in [0, 1], got {values['omega_init']}")
         if values["weights"] not in ("uniform", "size_over_distance"):
-            raise ValueError(f"unknown --weights {values['weights']!r}; choose uniform or size_over_distance")
+            raise UsageError(f"unknown --weights {values['weights']!r}; choose uniform or size_over_distance")
         if values["alpha_mode"] not in ("all", "diag"):
-            raise ValueError(f"unknown --alpha-mode {values['alpha_mode']!r}; choose all or diag")
+            raise UsageError(f"unknown --alpha-mode {values['alpha_mode']!r}; choose all or diag")
         if values["max_memory"] is not None:
             values["max_memory"] = streaming.parse_bytes(values["max_memory"])
         return Stage2Config(**values)
+
+
+# What each option must be (None, where a field allows it, means "unset"): checked by
+# Stage2Config.resolved before anything is read or written (glag.options.check_ranges).
+_RANGES = dict(
+    int_min={"epochs": 1, "batch_size": 1, "k": 1, "n_max": 1, "head_threshold": 0, "omega_workers": 1,
+             "stream_block_rows": 1, "max_steps_per_epoch": 1, "threads": 1, "seed": 0},
+    float_range={  # (low, low inclusive, high, high inclusive)
+        "lr": (0.0, False, math.inf, False), "momentum": (0.0, True, 1.0, False),
+        "weight_decay": (0.0, True, math.inf, False), "kd_temperature": (0.0, False, math.inf, False),
+        "kd_alpha": (0.0, True, math.inf, False), "kd_beta": (0.0, True, math.inf, False),
+        "omega_step": (0.0, True, 1.0, True), "omega_margin": (0.0, True, math.inf, False),
+        "tukey_lambda": (0.0, False, math.inf, False), "alpha": (0.0, True, math.inf, False)},
+    choices={"omega_reference": afg.AdaptiveOmega.REFERENCES, "kd_schedule": SCHEDULES},
+    unset_ok={"n_max", "omega_workers", "stream_block_rows", "max_steps_per_epoch", "threads"},
+)
 
 
 @dataclass
@@ -312,30 +336,62 @@ class InMemoryData:
 
 
 # Options a resumed run may change: where the features are, how fast and in how much memory it
-# runs (the backends draw the same samples to float rounding), not what it computes.
+# runs (the backends draw the same samples to float rounding; a resumed run keeps its data path
+# and streaming plan whatever the budget), not what it computes.
 RESUME_FREE_OPTIONS = frozenset({"out", "features", "backend", "threads", "progress", "omega_workers",
-                                 "max_memory", "stream_block_rows"})
+                                 "max_memory"})
 
 
-def open_stage2_data(cfg: Stage2Config):
+def check_inputs(ff, cfg: Stage2Config) -> None:
+    """What stage two needs of the open feature file ``ff`` under ``cfg`` (checked before any run
+    folder is made): non-empty /train and /val, every class in /train, and k head classes for
+    the support sets when there is a tail to generate.
+
+    Raises:
+        UsageError: naming the file, the problem and the fix.
+    """
+    for name in ("train", "val"):
+        if name not in ff.splits:
+            why = ("the training features" if name == "train" else "it selects its classifier and moves ω on "
+                   "validation accuracy, never on test")
+            raise UsageError(f"{cfg.features} has no /{name} split: stage two needs {why}. Re-extract with "
+                             f"tools/extract.py (it writes train, val and test)")
+        if ff.num_rows(name) == 0:
+            raise UsageError(f"{cfg.features}: the {name} split is empty; stage two needs {name} samples. "
+                             f"Re-extract with a non-empty {name} split")
+    counts = np.asarray(ff.class_counts, dtype=np.int64)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        raise UsageError(f"{cfg.features}: {len(empty)} class(es) have no training sample (ids "
+                         f"{empty[:10].tolist()}{' ...' if len(empty) > 10 else ''}); stage two needs every class in "
+                         f"/train (its mean, and the samples it is topped up from). Re-extract from data that has "
+                         f"every class in its train split")
+    head, tail, _ = afg.class_roles(counts, cfg.head_threshold, int(cfg.n_max or counts.max()), cfg.generate)
+    if len(tail) and len(head) < cfg.k:
+        raise UsageError(f"--k {cfg.k}: every tail sample takes its k nearest head classes as support, and "
+                         f"{cfg.features} has {len(head)} head class(es) (more than --head-threshold "
+                         f"{cfg.head_threshold} training samples): lower --k or --head-threshold")
+
+
+def open_stage2_data(cfg: Stage2Config, saved: dict | None = None):
     """The data of a stage-two run: in memory, or streamed when it exceeds ``cfg.max_memory``
-    (:func:`glag.streaming.choose_data_path`); the choice and its reason are logged."""
+    (:func:`glag.streaming.choose_data_path`); the choice and its reason are logged. ``saved``:
+    the config.json of the run being resumed, whose data path and streaming plan are kept."""
     ff = open_features(cfg.features)
     try:
-        if "train" not in ff.splits:
-            raise ValueError(f"{cfg.features} has no /train split; stage two needs the training features")
-        if "val" not in ff.splits:
-            raise ValueError(f"{cfg.features} has no /val split: stage two selects its classifier and moves ω on "
-                             f"validation accuracy, never on test. Re-extract with the val split "
-                             f"(tools/extract.py writes train, val and test)")
-        choice = streaming.choose_data_path(ff, cfg)
+        check_inputs(ff, cfg)
+        choice = streaming.choose_data_path(ff, cfg, saved)
         log.info("stage two data path: %s: %s", "streaming" if choice.stream else "in memory", choice.reason)
         fingerprint = ff.fingerprint()  # what a resumed run checks it is given again
+        empty = [name for name in ff.splits if ff.num_rows(name) == 0]  # train and val are not (check_inputs)
+        for name in empty:
+            log.warning("%s: the %s split is empty; it is not evaluated", cfg.features, name)
         if not choice.stream:
             data = InMemoryData(cfg, ff)
         else:
             data = streaming.StreamingData(cfg, ff, choice.plan)
             ff.close()
+        data.splits = [name for name in data.splits if name not in empty]
         data.features_fingerprint = fingerprint
         return data
     except BaseException:
@@ -370,7 +426,10 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict:
     best.pt (the classifier chosen on val) and metrics.json (per-class accuracies included, for plots).
     """
     cfg = cfg.resolved()
-    open_features(cfg.features).close()  # a missing or broken file fails here, before a run folder exists
+    # stored absolute: a run resumed from another folder finds its features
+    cfg = dataclasses.replace(cfg, features=os.path.abspath(cfg.features))
+    with open_features(cfg.features) as ff:  # a missing, broken or unsuitable file fails before a run folder exists
+        check_inputs(ff, cfg)
     if cfg.omega_init == "auto":
         return select_omega_init(cfg, resume)
     with torch_threads(cfg.threads or (1 if _small_head(cfg) else None)):
@@ -398,7 +457,11 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     (every candidate's validation metrics) added.
     """
     run = RunDir(cfg.out, resume=resume)
-    if not (run / "config.json").exists():
+    if (run / "config.json").exists():  # resuming (RunDir refuses it otherwise): the same options
+        check_resume_options(json.loads((run / "config.json").read_text()), dataclasses.asdict(cfg), run.path,
+                             RESUME_FREE_OPTIONS)
+        continue_epochs(run, cfg.epochs, 0)  # each candidate checks the epochs it has done
+    else:
         run.write_config(dataclasses.asdict(cfg), cfg.seed)
     log.info("ω_init auto: %d stage-two runs, ω_init in %s, the best on validation kept (a number for "
              "--omega-init runs one)", len(cfg.omega_grid), list(cfg.omega_grid))
@@ -493,7 +556,12 @@ def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> No
 def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
     run = RunDir(cfg.out, resume=resume)
     seed_everything(cfg.seed)
-    data = open_stage2_data(cfg)
+    saved = None  # the config of the run being continued (one with a checkpoint to continue from)
+    if resume and (run / "last.pt").exists() and (run / "config.json").exists():
+        saved = json.loads((run / "config.json").read_text())
+        # before the data are read: a refused resume costs nothing
+        check_resume_options(saved, dataclasses.asdict(cfg), run.path, RESUME_FREE_OPTIONS)
+    data = open_stage2_data(cfg, saved)
     try:
         return _fit(cfg, run, data, resume)
     finally:
@@ -530,9 +598,7 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
                              f"{ck['feature_dim']}, fingerprint {ck.get('features_fingerprint', '-')}) than "
                              f"{cfg.features} (C = {C}, d = {d}, fingerprint {fingerprint}); resume with the "
                              f"run's --features, or choose another --out")
-        if (run / "config.json").exists():
-            check_resume_options(json.loads((run / "config.json").read_text()), dataclasses.asdict(cfg),
-                                 run.path, RESUME_FREE_OPTIONS)
+        continue_epochs(run, cfg.epochs, ck["epoch"])
         head.load_state_dict(ck["head"])
         optimizer.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])

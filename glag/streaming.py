@@ -375,8 +375,29 @@ def _hdf5_chunk_rows(path, split: str) -> int | None:
         return None
 
 
-def choose_data_path(ff, cfg) -> DataPathChoice:
-    """In memory unless ``cfg.max_memory`` is set and the in-memory peak would exceed it."""
+def choose_data_path(ff, cfg, saved: dict | None = None) -> DataPathChoice:
+    """In memory unless ``cfg.max_memory`` is set and the in-memory peak would exceed it.
+
+    ``saved``: the config.json of a run being resumed. Its data path and streaming plan are kept
+    whatever the budget now (the order of an epoch's samples depends on both, so the resumed
+    run's result is the uninterrupted one's); a budget they exceed is warned about.
+    """
+    if saved and saved.get("data_path") == "memory":
+        if cfg.max_memory is not None:
+            need = rss_bytes() + _lazy_import_bytes(cfg) + sum(in_memory_estimate(ff, cfg).values())
+            if need > parse_bytes(cfg.max_memory):
+                log.warning("resuming a run trained in memory: it goes on in memory (peak ~%s, over --max-memory "
+                            "%s), since streaming would change its samples", format_bytes(need),
+                            format_bytes(parse_bytes(cfg.max_memory)))
+        return DataPathChoice(False, "resumed run: in memory, as it was trained")
+    if saved and saved.get("data_path") == "streaming" and saved.get("stream_plan"):
+        plan = StreamPlan(**{k: v for k, v in saved["stream_plan"].items() if k != "resident"})
+        if cfg.max_memory is None or parse_bytes(cfg.max_memory) < plan.budget:
+            log.warning("resuming a streamed run: it keeps its plan, made for a budget of %s (now %s)",
+                        format_bytes(plan.budget),
+                        "none" if cfg.max_memory is None else format_bytes(parse_bytes(cfg.max_memory)))
+        return DataPathChoice(True, f"resumed run: streaming /train as it was trained, in blocks of "
+                                    f"{plan.block_rows} rows", plan=plan)
     if cfg.max_memory is None:
         return DataPathChoice(False, "no --max-memory budget: everything in memory")
     budget = parse_bytes(cfg.max_memory)

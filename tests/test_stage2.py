@@ -202,15 +202,18 @@ def _run_epochs(c, n, builder=None, method="build"):
     assert calls["n"] == n
 
 
-def _plain_h5py_file(path, counts, d=8, with_val=True, with_logits=True, one_sample_class=False, seed=0):
-    """A feature file in DESIGN.md's schema, written by 'another program' with h5py only."""
+def _plain_h5py_file(path, counts, d=8, with_val=True, with_logits=True, one_sample_class=False, seed=0,
+                     per_class=None):
+    """A feature file in DESIGN.md's schema, written by 'another program' with h5py only.
+    ``per_class``: {split: images a class} for val and test (default 10 and 20)."""
     rng = np.random.default_rng(seed)
     C = len(counts)
     means = rng.standard_normal((C, d)) * 2
     with h5py.File(path, "w") as f:
         f.attrs["num_classes"] = C
         f.attrs["feature_dim"] = d
-        for split, per in (("train", counts), ("val", [10] * C), ("test", [20] * C)):
+        sizes = {"val": 10, "test": 20, **(per_class or {})}
+        for split, per in (("train", counts), ("val", [sizes["val"]] * C), ("test", [sizes["test"]] * C)):
             if split == "val" and not with_val:
                 continue
             y = np.repeat(np.arange(C), per)
@@ -399,3 +402,108 @@ def test_command_line_resume_alone_reads_the_run_options(feats, tmp_path, monkey
     assert afg_train.main(["--out", str(tmp_path / "part"), "--resume", "--no-progress", "--no-plots"]) == 0
     full, part = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("full", "part"))
     assert part["stage2"] == full["stage2"]
+
+
+@pytest.mark.parametrize("option,value,flag", [
+    ("epochs", 0, "--epochs"), ("batch_size", -4, "--batch-size"), ("seed", -1, "--seed"), ("kd_beta", -1.0, "--kd-beta"),
+    ("kd_temperature", 0.0, "--kd-temperature"), ("lr", -1.0, "--lr"), ("weight_decay", -1.0, "--weight-decay"),
+    ("omega_step", -0.5, "--omega-step"), ("omega_margin", -1.0, "--omega-margin"), ("n_max", 0, "--n-max"),
+    ("omega_workers", 0, "--omega-workers"), ("stream_block_rows", 0, "--stream-block-rows"),
+    ("alpha", float("nan"), "--alpha"), ("omega_reference", "mean", "--omega-reference")])
+def test_option_values_that_cannot_work_are_refused_before_any_folder(feats, tmp_path, option, value, flag):
+    from glag.errors import UsageError
+
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=f"^{flag} must be"):
+        train_stage2(cfg(feats, out, **{option: value}))
+    assert not out.exists()
+
+
+def test_dc_keeps_a_given_omega_init():
+    """--method dc: ω = k/(k+1) (DC's) by default, a number given with --omega-init wins."""
+    assert Stage2Config(method="dc", k=2).resolved().omega_init == pytest.approx(2 / 3)
+    assert Stage2Config(method="dc", k=2, omega_init=0.3).resolved().omega_init == 0.3
+
+
+def test_unsuitable_feature_files_are_refused_before_any_folder(tmp_path):
+    """Empty val, a class with no training sample, fewer head classes than --k: a clear error
+    naming the fix, and no run folder (for --omega-init auto too, whose candidates run later)."""
+    from glag.errors import UsageError
+
+    empty_val = _plain_h5py_file(tmp_path / "empty_val.h5", [200, 150, 40, 10, 4], per_class={"val": 0})
+    no_class = _plain_h5py_file(tmp_path / "no_class.h5", [200, 150, 40, 10, 0])
+    two_heads = _plain_h5py_file(tmp_path / "two_heads.h5", [200, 150, 40, 10, 4])
+    for path, kw, match in [(empty_val, {}, "the val split is empty"),
+                            (no_class, {}, r"1 class\(es\) have no training sample \(ids \[4\]\)"),
+                            (two_heads, dict(k=3), "--k 3: .* has 2 head class"),
+                            (empty_val, dict(omega_init="auto"), "the val split is empty")]:
+        out = tmp_path / "run"
+        with pytest.raises(UsageError, match=match):
+            train_stage2(cfg(path, out, **kw))
+        assert not out.exists()
+
+
+def test_empty_test_split_is_skipped_with_a_warning(tmp_path, caplog):
+    path = _plain_h5py_file(tmp_path / "empty_test.h5", [200, 150, 40, 10, 4], per_class={"test": 0})
+    with caplog.at_level(logging.WARNING, logger="glag.stage2"):
+        m = train_stage2(cfg(path, tmp_path / "run", epochs=3))
+    assert set(m["stage2"]) == {"val"} and m["stage2"]["val"]["top1"] > 50.0  # chance: 20 %
+    assert any("test split is empty" in r.message for r in caplog.records)
+
+
+def test_auto_resume_refuses_other_options(feats, tmp_path):
+    """--omega-init auto, resumed: the options are compared as for a single run (here after the
+    run finished; candidates trained with different options would be mixed otherwise)."""
+    from glag.errors import UsageError
+
+    c = cfg(feats, tmp_path / "auto", epochs=2, omega_grid=(0.6, 0.0))
+    train_stage2(c)
+    before = (tmp_path / "auto" / "config.json").read_text()
+    with pytest.raises(UsageError, match=r"--lr: 0\.05 in the run, 0\.2 now"):
+        train_stage2(dataclasses.replace(c, lr=0.2), resume=True)
+    assert (tmp_path / "auto" / "config.json").read_text() == before
+
+
+def test_resume_to_more_epochs_is_recorded_and_fewer_is_refused(feats, tmp_path):
+    from glag.errors import UsageError
+
+    c = cfg(feats, tmp_path / "run", epochs=2, omega_init=0.6)
+    train_stage2(c)
+    train_stage2(dataclasses.replace(c, epochs=4), resume=True)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["epochs"] == 4
+    assert len((run / "summary.csv").read_text().strip().splitlines()) == 1 + 4
+    with pytest.raises(UsageError, match="has trained 4 epochs already; --epochs 3 is fewer"):
+        train_stage2(dataclasses.replace(c, epochs=3), resume=True)
+
+
+def test_resume_from_another_folder_finds_relative_features(feats, tmp_path, monkeypatch):
+    """--features given relative to where the run started: the run stores it absolute, so
+    ``--out <run> --resume`` from any folder finds it."""
+    from tools import afg_train
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "feats.h5").write_bytes(feats.read_bytes())
+    monkeypatch.chdir(tmp_path / "a")
+    c = cfg("feats.h5", "run", epochs=3, omega_init=0.6)
+    _run_epochs(c, 1)
+    assert json.loads((tmp_path / "a" / "run" / "config.json").read_text())["features"] == str(tmp_path / "a" / "feats.h5")
+    monkeypatch.chdir(tmp_path)
+    assert afg_train.main(["--out", "a/run", "--resume", "--no-progress", "--no-plots"]) == 0
+    assert json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())["best_epoch"] >= 1
+
+
+def test_command_line_prints_user_errors_and_interrupts_without_a_traceback(feats, tmp_path, monkeypatch, capsys):
+    import glag.stage2 as s2
+    from tools import afg_train
+
+    assert afg_train.cli(["--features", str(feats), "--out", str(tmp_path / "r"), "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --epochs must be an integer >= 1, got 0" in err and "Traceback" not in err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(s2, "_fit", interrupted)
+    assert afg_train.cli(["--features", str(feats), "--out", str(tmp_path / "r"), "--omega-init", "0.6",
+                          "--no-progress", "--no-plots"]) == 130
+    assert "interrupted; what was finished is kept: continue with --out" in capsys.readouterr().err

@@ -248,3 +248,26 @@ def test_peak_memory_stays_bounded_in_a_subprocess(tmp_path):
     assert r["peak"] <= r["budget"], (r, growth / 2**20)
     assert growth < 0.75 * features, (growth / 2**20, features / 2**20)
     assert r["top1"] > 50.0
+
+
+def test_streamed_run_resumed_under_another_budget_keeps_its_plan(feats, tmp_path):
+    """A streamed run resumed with another --max-memory (even none) goes on with the data path
+    and block plan it was trained with, so it ends as the uninterrupted run; another
+    --stream-block-rows is refused. A run trained in memory stays in memory under a tiny budget."""
+    import dataclasses
+
+    from glag.errors import UsageError
+
+    full = train_stage2(cfg(feats, tmp_path / "full", epochs=4, omega_init=0.6, max_memory=TINY, stream_block_rows=64))
+    c = cfg(feats, tmp_path / "part", epochs=4, omega_init=0.6, max_memory=TINY, stream_block_rows=64)
+    _run_epochs(c, 2, StreamingEpochBuilder, "plan_epoch")
+    with pytest.raises(UsageError, match="--stream-block-rows: 64 in the run, 32 now"):
+        train_stage2(dataclasses.replace(c, stream_block_rows=32), resume=True)
+    resumed = train_stage2(dataclasses.replace(c, max_memory=None), resume=True)
+    assert resumed["data_path"] == "streaming" and resumed["stage2"] == full["stage2"]
+
+    mem_full = train_stage2(cfg(feats, tmp_path / "mem_full", epochs=3, omega_init=0.6))
+    m = cfg(feats, tmp_path / "mem", epochs=3, omega_init=0.6)
+    _run_epochs(m, 1)
+    resumed = train_stage2(dataclasses.replace(m, max_memory=TINY), resume=True)
+    assert resumed["data_path"] == "memory" and resumed["stage2"] == mem_full["stage2"]

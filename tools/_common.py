@@ -19,6 +19,24 @@ def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
 
 
+def cli_main(main, argv=None, on_interrupt: str = "run the same command with --resume to continue") -> int:
+    """Run a tool's ``main(argv)`` as a command. A :class:`glag.errors.UsageError` (a bad option,
+    path or input file; its message names the problem and the fix) is printed without a
+    traceback, exit status 2; Ctrl-C says how to go on, exit status 130. ``main`` itself raises,
+    so that tools calling each other (``pipeline``) stop at the first error."""
+    from glag.errors import UsageError
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "glag"
+    try:
+        return main(argv)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; what was finished is kept: {on_interrupt}", file=sys.stderr)
+        return 130
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The dataset options shared by stage one and extraction."""
     from glag.data import DATASETS

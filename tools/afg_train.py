@@ -23,9 +23,9 @@ if __package__ in (None, ""):
     import os
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import config_from_args, parse_args_with_config, setup_logging
+    from tools._common import cli_main, config_from_args, parse_args_with_config, setup_logging
 else:
-    from ._common import config_from_args, parse_args_with_config, setup_logging
+    from ._common import cli_main, config_from_args, parse_args_with_config, setup_logging
 
 
 def _bool(s: str) -> bool:
@@ -92,22 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--omega-workers", type=int, metavar="N",
                    help="candidates of --omega-init auto trained at once, each in its own process "
                         "(default: one per core when the head is small and all is in memory, else 1)")
-    g.add_argument("--omega-step", type=float, default=0.05, help="(default: %(default)s)")
+    g.add_argument("--omega-step", type=float, default=0.05,
+                   help="how far a tail class's ω moves after an epoch: up when its val accuracy rose above the "
+                        "reference, down when it fell below; ω stays in [0, 1] (default: %(default)s)")
     g.add_argument("--omega-reference", default="best", choices=("best", "ema", "last"),
                    help="ω moves when val accuracy beats / falls below this reference (default: %(default)s)")
     g.add_argument("--omega-margin", type=float, default=0.0,
                    help="dead band around the reference, as a fraction (default: %(default)s)")
     g.add_argument("--backend", choices=("cuda", "numba", "torch"),
-                   help="force a sampler backend (default: $GLAG_SAMPLER_BACKEND, else the fastest present)")
+                   help="the sampler backend; one that cannot run here (no GPU or CuPy, no numba) falls back to the "
+                        "next, with a warning (default: $GLAG_SAMPLER_BACKEND, else the fastest present)")
     g = p.add_argument_group("classifier training, METHOD.md steps 8-9")
     g.add_argument("--kd", type=_bool, metavar="BOOL", help="distil the stage-one logits on head classes")
-    g.add_argument("--kd-temperature", type=float, default=2.0, help="(default: %(default)s)")
+    g.add_argument("--kd-temperature", type=float, default=2.0,
+                   help="softmax temperature T of the KD term, > 0 (default: %(default)s)")
     g.add_argument("--kd-beta", type=float, default=2.0, help="β of the KD weight τ(t) = (t/T)^β (default: %(default)s)")
-    g.add_argument("--epochs", type=int, default=40, help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=40,
+                   help="epochs; each draws a new set of generated features (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=256, help="samples a step (default: %(default)s)")
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate, cosine decay (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty of SGD (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the generated features, the shuffling and the initialisation; the same seed "
+                        "gives the same run (default: %(default)s)")
     g = p.add_argument_group("memory (DESIGN.md, Scale)")
     g.add_argument("--max-memory", type=_bytes, metavar="SIZE",
                    help="memory budget, e.g. 4G, 512M (K/M/G = 2^10/2^20/2^30 bytes). When the in-memory path "
@@ -151,5 +158,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The ``glag-afg-train`` command: :func:`main` with user errors printed, not raised."""
+    return cli_main(main, argv, "continue with --out <the same folder> --resume")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -22,8 +22,10 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tools import pipeline
+    from tools._common import cli_main
 else:
     from . import pipeline
+    from ._common import cli_main
 
 COLUMNS = ("top1", "many", "medium", "few")
 
@@ -85,5 +87,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The ``glag-experiment`` command: :func:`main` with user errors printed, not raised."""
+    return cli_main(main, argv, "run the same command again: finished runs are skipped, stopped ones resume")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -23,10 +23,10 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tools import afg_train, extract, train_stage1
-    from tools._common import setup_logging
+    from tools._common import cli_main, setup_logging
 else:
     from . import afg_train, extract, train_stage1
-    from ._common import setup_logging
+    from ._common import cli_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,5 +85,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The ``glag-pipeline`` command: :func:`main` with user errors printed, not raised."""
+    return cli_main(main, argv, "run the same command again: finished steps are skipped, stopped ones resume")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

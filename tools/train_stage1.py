@@ -21,9 +21,9 @@ if __package__ in (None, ""):  # run as a script: make "tools" importable as a p
     import os
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import add_data_args, config_from_args, parse_args_with_config, setup_logging
+    from tools._common import add_data_args, cli_main, config_from_args, parse_args_with_config, setup_logging
 else:
-    from ._common import add_data_args, config_from_args, parse_args_with_config, setup_logging
+    from ._common import add_data_args, cli_main, config_from_args, parse_args_with_config, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,5 +91,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The ``glag-train`` command: :func:`main` with user errors printed, not raised."""
+    return cli_main(main, argv, "continue with --out <the same folder> --resume")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
