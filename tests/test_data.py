@@ -5,6 +5,7 @@ python pickles written here), list datasets use generated PNGs. One test reads t
 Fashion-MNIST when it is installed.
 """
 import gzip
+import json
 import logging
 import pickle
 import struct
@@ -20,6 +21,7 @@ from glag.data import (DATASETS, DatasetCorruptError, DatasetNotFoundError, List
 from glag.data import transforms as T
 from glag.data.fmnist import DEFAULT_ROOT as FMNIST_DEFAULT_ROOT
 from glag.data.fmnist import FILES as FMNIST_FILES
+from glag.errors import UsageError
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -141,6 +143,39 @@ def test_lt_profile_edges():
         lt_profile(10, 500, 0.5)
 
 
+def test_lt_profile_refuses_empty_classes(fake_fmnist):
+    # int(30 / 1000 ** (i / 9)) is 0 from class 5 on: [30, 13, 6, 3, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(UsageError) as e:
+        lt_profile(10, 30, 1000)
+    msg = str(e.value)
+    assert "classes 5..9" in msg and "--imbalance-factor" in msg and "--n-max" in msg
+    assert lt_profile(10, 30, 10)[-1] == 3  # a profile with every class non-empty still builds
+    with pytest.raises(UsageError, match="0 training images"):
+        fmnist_small(fake_fmnist[0], n_max=30, imbalance_factor=1000.0)
+
+
+def test_data_errors_are_usage_errors():
+    # the command-line tools print a UsageError's message without a traceback
+    assert issubclass(DatasetNotFoundError, UsageError)
+    assert issubclass(DatasetNotFoundError, FileNotFoundError)
+    assert issubclass(DatasetCorruptError, UsageError)
+    assert issubclass(DatasetCorruptError, ValueError)
+    assert issubclass(ListFileError, UsageError) and issubclass(ListFileError, ValueError)
+    assert str(DatasetNotFoundError("where it is")) == "where it is"
+
+
+@pytest.mark.parametrize("val_per_class", [0, -1])
+def test_val_per_class_must_be_positive(fake_fmnist, fake_cifar, png_dataset, val_per_class):
+    # 0 gave an empty val split; a negative value moved training images to val (negative slicing)
+    with pytest.raises(UsageError, match="--val-per-class"):
+        fmnist_small(fake_fmnist[0], val_per_class=val_per_class)
+    with pytest.raises(UsageError, match="--val-per-class"):
+        cifar_small(fake_cifar[0], val_per_class=val_per_class)
+    root, files = png_dataset
+    with pytest.raises(UsageError, match="--val-per-class"):
+        build_list(root, files, val_list=None, val_per_class=val_per_class)
+
+
 def test_registry():
     assert list(DATASETS)[0] == "fmnist-lt"
     assert {"fmnist-lt", "cifar100-lt", "list"} <= set(DATASETS)
@@ -184,7 +219,8 @@ def test_fmnist_subset_depends_on_seed_only(fake_fmnist):
 def test_fmnist_root_from_env(fake_fmnist, monkeypatch, tmp_path):
     root = fake_fmnist[0]
     monkeypatch.setenv("GLAG_DATA_ROOT", str(root))
-    assert len(build_dataset("fmnist-lt", n_max=20, val_per_class=5).train) > 0
+    assert len(build_dataset("fmnist-lt", n_max=20, imbalance_factor=10.0,
+                             val_per_class=5).train) > 0
     monkeypatch.setenv("GLAG_DATA_ROOT", str(tmp_path / "nowhere"))
     assert fmnist_small(root).config["root"] == str(root)  # the argument wins over the env
 
@@ -213,6 +249,17 @@ def test_fmnist_corrupt_files(fake_fmnist):
     path.write_bytes(b"not gzip at all")
     with pytest.raises(DatasetCorruptError, match=str(path.name)):
         fmnist_small(root)
+
+
+def test_fmnist_damaged_deflate_stream(fake_fmnist):
+    root = fake_fmnist[0]
+    path = root / FMNIST_FILES["train_labels"]
+    blob = bytearray(gzip.compress(gzip.decompress(path.read_bytes())))  # no file name field
+    blob[10] = 0x07  # first deflate block: BTYPE 11 (reserved), which zlib rejects
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DatasetCorruptError) as e:
+        fmnist_small(root)
+    assert path.name in str(e.value) and "re-install or re-download" in str(e.value)
 
 
 def test_fmnist_too_few_images(fake_fmnist):
@@ -371,6 +418,46 @@ def test_cifar_refuses_foreign_pickle(fake_cifar):
         cifar_small(root)
 
 
+def _damage_encoding_name(folder):
+    blob = (folder / "train").read_bytes()
+    i = blob.index(b"latin1")
+    (folder / "train").write_bytes(blob[:i + 3] + b"X" + blob[i + 4:])  # LookupError: latXn1
+
+
+def _latin1_class_name(folder):
+    names = [b"caf\xe9"] + [f"c{i}".encode() for i in range(1, 100)]
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}, protocol=2))
+
+
+def _damage_frame_length(folder):
+    blob = pickle.dumps({b"data": np.zeros((100, 3072), np.uint8),
+                         b"fine_labels": list(range(100))}, protocol=4)
+    (folder / "test").write_bytes(blob[:7] + b"\x7f" + blob[8:])  # FRAME of ~545 GB
+
+
+@pytest.mark.parametrize("damage", [_damage_encoding_name, _latin1_class_name,
+                                    _damage_frame_length])
+def test_cifar_damaged_pickles(fake_cifar, damage):
+    root = fake_cifar[0]
+    damage(root / "cifar-100-python")
+    with pytest.raises(DatasetCorruptError, match="cifar-100-python"):
+        cifar_small(root)
+
+
+def test_cifar_protocol5_pickles(fake_cifar):
+    root, xtr, _ = fake_cifar
+    ref = cifar_small(root)
+    folder = root / "cifar-100-python"
+    for name in ("train", "test", "meta"):
+        with open(folder / name, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=5))  # numpy: _frombuffer
+    ds = cifar_small(root)
+    np.testing.assert_array_equal(ds.train.index, ref.train.index)
+    np.testing.assert_array_equal(ds.train.images.reshape(len(ds.train), -1).numpy(),
+                                  xtr[ds.train.index])
+
+
 def test_cifar_missing_message(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
         build_dataset("cifar100-lt", root=tmp_path)
@@ -437,6 +524,104 @@ def test_list_missing_images(png_dataset, tmp_path):
         build_list(root, files, train_list=lst)
     msg = str(e.value)
     assert "8 of 9" in msg and "gone/0.png" in msg and "gone/7.png" not in msg
+
+
+def test_list_damaged_images(png_dataset):
+    root, files = png_dataset
+    ds = build_list(root, files)
+    row = 3  # line 5 of train.txt (line 3 is blank)
+    path = Path(ds.train.paths[row])
+    good = path.read_bytes()
+    for damaged in (good[:len(good) // 2], b""):  # truncated; zero bytes
+        path.write_bytes(damaged)
+        with pytest.raises(DatasetCorruptError) as e:
+            ds.train.load_batch(np.arange(len(ds.train)), augment=False, seed=0)
+        msg = str(e.value)
+        assert str(path) in msg and f"{files['train']}, line 5" in msg
+        assert "replace" in msg and "remove" in msg
+        with pytest.raises(DatasetCorruptError, match=path.name):
+            list(iterate_batches(ds.train, 4, shuffle=True, augment=True, seed=0))
+    path.write_bytes(good)
+    assert ds.train.load_batch(np.array([row]), augment=False, seed=0).shape == (1, 3, 16, 16)
+
+
+def test_list_16bit_grey_images(png_dataset, tmp_path):
+    root, files = png_dataset
+    ramp = np.rint(np.linspace(0, 65535, 20 * 24)).reshape(20, 24)
+    Image.fromarray(ramp.astype(np.uint16)).save(root / "grey16.png")  # mode I;16
+    Image.fromarray(np.rint(ramp / 257).astype(np.uint8), "L").save(root / "grey8.png")
+    Image.fromarray(ramp.astype(np.int32)).save(root / "grey32.tif")  # mode I
+    with Image.open(root / "grey16.png") as im16, Image.open(root / "grey32.tif") as im32:
+        assert (im16.mode, im32.mode) == ("I;16", "I")
+    lst = tmp_path / "grey.txt"
+    lst.write_text("grey8.png 0\ngrey16.png 0\ngrey32.tif 0\n")
+    ds = build_list(root, files, test_list=lst)
+    x = ds.test.load_batch(np.arange(3), augment=False, seed=0)
+    assert x[0].max() > x[0].min()  # a ramp, not all white
+    torch.testing.assert_close(x[1], x[0])  # 16-bit values scaled by 257, like the 8-bit file
+    torch.testing.assert_close(x[2], x[0])
+    Image.fromarray(np.full((20, 24), 70000, np.int32)).save(root / "grey32.tif")
+    with pytest.raises(DatasetCorruptError, match="grey32.tif"):
+        ds.test.load_batch(np.array([2]), augment=False, seed=0)
+
+
+def test_list_file_encoding(png_dataset, tmp_path):
+    root, files = png_dataset
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + files["train"].read_bytes())  # Windows Notepad "UTF-8"
+    ds = build_list(root, files, train_list=bom)
+    assert ds.train.paths[0] == str(root / "c0/train_0.png") and ds.train.index[0] == 0
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(files["train"].read_bytes() + "c0/caf\u00e9.png 0\n".encode("latin-1"))
+    with pytest.raises(ListFileError) as e:
+        build_list(root, files, train_list=latin)
+    msg = str(e.value)
+    assert "latin.txt, line 11" in msg and "UTF-8" in msg
+
+
+def test_list_labels_checked_against_train(png_dataset, tmp_path):
+    root, files = png_dataset
+    val = tmp_path / "val5.txt"  # train labels are 0..2
+    val.write_text(files["val"].read_text() + "c0/val_9.png 5\n")
+    with pytest.raises(ListFileError, match=r"val5\.txt, line 4: label 5"):
+        build_list(root, files, val_list=val)
+    with pytest.raises(ListFileError, match=r"val5\.txt, line 4: label 5"):
+        build_list(root, files, test_list=val)
+    typo = tmp_path / "typo.txt"  # would be 745 GiB of class counts
+    typo.write_text(files["train"].read_text() + "c0/train_0.png 99999999999\n")
+    with pytest.raises(ListFileError) as e:
+        build_list(root, files, train_list=typo)
+    assert "typo.txt" in str(e.value) and "99999999999 (line 11)" in str(e.value)
+    gap = tmp_path / "gap.txt"  # no training image of class 3
+    gap.write_text(files["train"].read_text() + "c0/train_0.png 4\n")
+    with pytest.raises(ListFileError, match=r"gap\.txt: 1 of the 5 classes 0\.\.4 have no "
+                                            r"training image \(class ids 3\)"):
+        build_list(root, files, train_list=gap)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ListFileError, match=r"empty\.txt.*no training images"):
+        build_list(root, files, train_list=empty)
+    ds = build_list(root, files, test_list=files["val"])  # test may hold a subset of classes
+    assert ds.num_classes == 3
+
+
+def test_list_bad_line_quoted_short(png_dataset, tmp_path):
+    root, files = png_dataset
+    annotations = {"images": [{"id": i, "file_name": f"train_val2018/Plantae/{i}/{i:032x}.jpg"}
+                              for i in range(2000)],
+                   "annotations": [{"id": i, "image_id": i, "category_id": i} for i in range(2000)]}
+    for name, text in (("train2018.json", json.dumps(annotations)),
+                       ("pretty.json", json.dumps(annotations, indent=2))):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ListFileError) as e:
+            build_list(root, files, train_list=tmp_path / name)
+        msg = str(e.value)
+        assert len(msg) < 500 and name in msg and "JSON" in msg and "relative/path label" in msg
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("c0/train_0.png 0\n" + " ".join(["x"] * 10000) + "\n")
+    with pytest.raises(ListFileError, match="line 2") as e:
+        build_list(root, files, train_list=long_line)
+    assert len(str(e.value)) < 500 and "JSON" not in str(e.value)
 
 
 # --------------------------------------------------------------------------- real data

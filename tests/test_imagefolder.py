@@ -4,7 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from glag.data import DATASETS, DatasetNotFoundError, build_dataset, iterate_batches
+from glag.data import (DATASETS, DatasetCorruptError, DatasetNotFoundError, build_dataset,
+                       iterate_batches)
+from glag.errors import UsageError
 from glag.stage1 import Stage1Config, dataset_from_config
 
 # class -> images per split; "b_cat" sorts before "dog", "ant" first: ids 0, 1, 2
@@ -55,6 +57,23 @@ def test_folder_val_carved_from_train(tmp_path):
     assert again.val.index.tolist() == ds.val.index.tolist()  # seeded
     with pytest.raises(ValueError, match="b_cat"):
         build_dataset("folder", root=root, val_per_class=3, image_size=16)
+
+
+def test_folder_damaged_image(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    bad = root / "train" / "b_cat" / "img01.jpg"
+    bad.write_bytes(b"")  # zero bytes: the build only lists files, loading it fails clearly
+    ds = build_dataset("folder", root=root, image_size=16)
+    with pytest.raises(DatasetCorruptError) as e:
+        ds.train.load_batch(np.arange(len(ds.train)), augment=False, seed=0)
+    assert str(bad) in str(e.value) and "replace" in str(e.value)
+
+
+@pytest.mark.parametrize("val_per_class", [0, -2])
+def test_folder_val_per_class_must_be_positive(tmp_path, val_per_class):
+    root = make_tree(tmp_path / "tree", {k: v for k, v in TREE.items() if k != "val"})
+    with pytest.raises(UsageError, match="--val-per-class"):
+        build_dataset("folder", root=root, val_per_class=val_per_class, image_size=16)
 
 
 def test_folder_errors(tmp_path, monkeypatch):

@@ -53,6 +53,8 @@ def build_dataset(name: str = DEFAULT_DATASET, root=None, imbalance_factor: floa
 
     Raises:
         ValueError: unknown name. DatasetNotFoundError: data missing (says how to get it).
+        UsageError (glag.errors; DatasetNotFoundError, DatasetCorruptError and ListFileError
+        are ones): ``val_per_class < 1``, a profile that leaves a class empty, bad input files.
     """
     try:
         builder = DATASETS[name]

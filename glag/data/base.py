@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UsageError
 from . import transforms as T
 
 logger = logging.getLogger(__name__)
@@ -37,12 +39,20 @@ _ORDER_STREAM = 0x0DA7A
 _AUG_STREAM = 0xA0C
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UsageError, FileNotFoundError):
     """A dataset's files are not where they were looked for; the message says how to get them."""
 
 
-class DatasetCorruptError(ValueError):
+class DatasetCorruptError(UsageError):
     """A dataset file exists but is not what it should be (bad magic number, truncated, ...)."""
+
+
+def check_val_per_class(val_per_class: int) -> None:
+    """Raise :class:`UsageError` unless ``val_per_class`` (``--val-per-class``) is >= 1: 0 would
+    leave the validation split empty, a negative count would slice training images into it."""
+    if val_per_class < 1:
+        raise UsageError(f"--val-per-class (val_per_class) must be >= 1, got {val_per_class}: "
+                         f"it is the number of validation images per class")
 
 
 def resolve_root(root: str | os.PathLike | None, default: str | os.PathLike) -> Path:
@@ -128,31 +138,89 @@ class FileSplit(Split):
     Training view: random-resized crop to ``image_size`` + flip; eval view: resize the shorter
     side to ``image_size*256/224`` then centre crop. Each batch draws from one
     ``np.random.default_rng(seed)``, rows in the order given.
+
+    Images are decoded only when loaded; a damaged file raises :class:`DatasetCorruptError`
+    naming it (and its line of ``list_file``, whose 0-based line index is ``index``, if given).
     """
 
     def __init__(self, name: str, paths: Sequence[str], labels: np.ndarray, index: np.ndarray,
                  image_size: int, mean: Sequence[float] = T.IMAGENET_MEAN,
-                 std: Sequence[float] = T.IMAGENET_STD):
+                 std: Sequence[float] = T.IMAGENET_STD, list_file: str | None = None):
         super().__init__(name, labels, index)
         if len(paths) != len(self):
             raise ValueError(f"{len(paths)} paths for {len(self)} labels")
         self.paths = list(paths)
         self.image_size = int(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.list_file = None if list_file is None else str(list_file)
+
+    def _where(self, r: int) -> str:
+        """Row ``r``'s image path, with its list file and 1-based line when known."""
+        if self.list_file is None:
+            return self.paths[r]
+        return f"{self.paths[r]} ({self.list_file}, line {int(self.index[r]) + 1})"
+
+    def load_image(self, r: int):
+        """Row ``r`` as an RGB PIL image.
+
+        Raises:
+            DatasetNotFoundError: the file is gone. DatasetCorruptError: it cannot be decoded
+            (truncated, empty, not an image) or holds 32-bit values (see :func:`to_rgb`).
+        """
+        from PIL import Image
+
+        where = self._where(r)
+        remove = (f"remove its line from {self.list_file}" if self.list_file is not None
+                  else "delete it")
+        try:
+            with Image.open(self.paths[r]) as im:
+                return to_rgb(im, where)
+        except FileNotFoundError as e:
+            raise DatasetNotFoundError(f"image {where} not found ({e.strerror}); restore it or "
+                                       f"{remove}") from e
+        except DatasetCorruptError:
+            raise
+        except (OSError, SyntaxError, EOFError, ValueError, struct.error) as e:
+            # PIL: truncated ("image file is truncated"), empty or unknown (UnidentifiedImageError),
+            # broken chunks, bad headers
+            raise DatasetCorruptError(f"image {where} cannot be read, it is damaged or not an "
+                                      f"image ({type(e).__name__}: {e}); replace it with a good "
+                                      f"copy or {remove}") from e
 
     def load_batch(self, ids: np.ndarray, augment: bool, seed: int) -> torch.Tensor:
         """Rows ``ids`` (int64 [B]) -> float32 [B, 3, S, S]; see :meth:`Split.load_batch`."""
-        from PIL import Image
-
         ids = np.asarray(ids, dtype=np.int64)
         rng = np.random.default_rng(int(seed)) if augment else None
         out = torch.empty((len(ids), 3, self.image_size, self.image_size), dtype=torch.uint8)
         for k, r in enumerate(ids):
-            with Image.open(self.paths[r]) as im:
-                img = im.convert("RGB")
+            img = self.load_image(r)
             out[k] = (T.train_transform_pil(img, self.image_size, rng) if augment
                       else T.eval_transform_pil(img, self.image_size))
         return T.normalize_uint8(out, self.mean, self.std)
+
+
+def to_rgb(im, name: str = "image"):
+    """A PIL image -> RGB (a new image; ``im`` may be closed afterwards).
+
+    16-bit grey (modes ``I;16*``, and ``I`` with every value in 0..65535, as 16-bit PNGs and
+    TIFFs open) is scaled to 8 bits (divided by 257, rounded) first: ``convert("RGB")`` would
+    clip every value above 255 to white.
+
+    Raises:
+        DatasetCorruptError: a mode ``I`` image with values outside 0..65535 (32-bit data);
+            the message starts with ``name``.
+    """
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im)  # uint16 [H, W] (I;16*) or int32 [H, W] (I)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise DatasetCorruptError(f"{name} has 32-bit integer pixel values (mode {im.mode}, "
+                                      f"range {lo}..{hi}); glag reads 8- and 16-bit images: "
+                                      f"convert it to 8 or 16 bits")
+        im = Image.fromarray(np.rint(a / 257.0).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 # --------------------------------------------------------------------------- dataset container

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import transforms as T
 from .base import (DatasetCorruptError, DatasetNotFoundError, LTDataset, TensorSplit,
-                   resolve_root)
+                   check_val_per_class, resolve_root)
 from .profile import lt_profile
 
 logger = logging.getLogger(__name__)
@@ -49,11 +49,13 @@ MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 NUM_CLASSES = 100
 
 # Globals a CIFAR pickle may reference: numpy's array reconstruction (old and new module
-# names) and ``_codecs.encode`` (protocol-2 pickles of bytes), nothing else.
+# names; ``_frombuffer`` rebuilds an array from its bytes in protocol-5 pickles) and
+# ``_codecs.encode`` (protocol-2 pickles of bytes), nothing else.
 _ALLOWED_GLOBALS = {
     ("_codecs", "encode"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
 }
 
@@ -67,12 +69,20 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR pickle")
 
 
+def _corrupt_fix() -> str:
+    return f"the file is damaged: extract it again from the official archive ({URL})"
+
+
 def _load_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _SafeUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DatasetCorruptError(f"{path}: not a readable CIFAR-100 pickle ({e})") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+            MemoryError, OverflowError) as e:
+        # damaged bytes: an unknown encoding name (LookupError), a memo or stack index
+        # (KeyError, IndexError), a huge FRAME or object length (MemoryError, OverflowError)
+        raise DatasetCorruptError(f"{path}: not a readable CIFAR-100 pickle "
+                                  f"({type(e).__name__}: {e}); {_corrupt_fix()}") from e
     if not isinstance(obj, dict):
         raise DatasetCorruptError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
@@ -163,8 +173,12 @@ def load_cifar100_arrays(folder: Path) -> dict:
         out[f"{split}_labels"] = y
     meta = _load_pickle(folder / "meta")
     names = meta.get(b"fine_label_names")
-    out["class_names"] = ([n.decode() if isinstance(n, bytes) else str(n) for n in names]
-                          if names is not None else None)
+    try:
+        out["class_names"] = ([n.decode() if isinstance(n, bytes) else str(n) for n in names]
+                              if names is not None else None)
+    except (UnicodeDecodeError, TypeError) as e:
+        raise DatasetCorruptError(f"{folder / 'meta'}: b'fine_label_names' is not a list of UTF-8 "
+                                  f"names ({type(e).__name__}: {e}); {_corrupt_fix()}") from e
     return out
 
 
@@ -199,7 +213,9 @@ def select_val_leftover(targets: np.ndarray, selected: np.ndarray, num_classes: 
 
     Per class in order: ``rng.permutation`` of the class's unselected indices, keep the first
     ``val_per_class`` (fewer, with a warning, when fewer are left). Returns int64 source indices.
+    Raises UsageError when ``val_per_class < 1``.
     """
+    check_val_per_class(val_per_class)
     targets = np.asarray(targets, dtype=np.int64)
     free = np.ones(len(targets), dtype=bool)
     free[selected] = False

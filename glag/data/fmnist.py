@@ -15,13 +15,14 @@ import gzip
 import logging
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from . import transforms as T
 from .base import (DatasetCorruptError, DatasetNotFoundError, LTDataset, TensorSplit,
-                   resolve_root)
+                   check_val_per_class, resolve_root)
 from .profile import lt_profile
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; truncated gzip: EOFError
+    except (OSError, EOFError, zlib.error) as e:
+        # gzip.BadGzipFile (bad header, CRC) is an OSError; truncated gzip: EOFError; a damaged
+        # deflate stream: zlib.error
         raise DatasetCorruptError(f"{path}: cannot read as {'gzip ' if opener is gzip.open else ''}"
                                   f"IDX file ({e}); the file is corrupt, re-install or "
                                   f"re-download it") from e
@@ -144,7 +147,9 @@ def select_lt(labels: np.ndarray, counts: list[int], val_per_class: int,
 
     Raises:
         ValueError: a class has fewer than ``counts[c] + val_per_class`` images.
+        UsageError: ``val_per_class < 1``.
     """
+    check_val_per_class(val_per_class)
     train, val = [], []
     for c, n in enumerate(counts):
         idx = np.flatnonzero(labels == c)

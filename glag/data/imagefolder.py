@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ENV_DATA_ROOT, DatasetNotFoundError, FileSplit, LTDataset, resolve_root
+from .base import (ENV_DATA_ROOT, DatasetNotFoundError, FileSplit, LTDataset, check_val_per_class,
+                   resolve_root)
 from .listfile import carve_val
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def build_folder_dataset(root=None, imbalance_factor: float = 100.0, n_max: int 
     if "val" in flat:
         train, val = make("train", ptr, ytr), make("val", *flat["val"])
     else:
+        check_val_per_class(val_per_class)
         try:
             tr_rows, va_rows = carve_val(ytr, val_per_class, num_classes, np.random.default_rng(seed))
         except ValueError as e:  # name the class and this dataset's remedy

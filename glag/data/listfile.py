@@ -6,7 +6,11 @@ RGB). The files are the LT protocol already: ``imbalance_factor`` and ``n_max`` 
 
 * ``split.index`` is the 0-based line index of the row in its list file (blank lines count);
   error messages quote 1-based line numbers, as editors do.
-* ``num_classes`` = 1 + the largest label over all splits; ``class_counts`` from train labels.
+* ``num_classes`` = 1 + the largest train label, and every class ``0..num_classes-1`` needs a
+  training image; a val/test label that is not a training class is an error (naming file and
+  line), as is an empty train list. ``class_counts`` from train labels.
+* Files are read as UTF-8 (a leading byte-order mark is skipped); JSON annotation files (e.g.
+  iNaturalist's official ones) are not read: convert them to ``relative/path label`` lines.
 * ``val_list=None``: ``val_per_class`` images of every class are moved from train to val, drawn
   with ``np.random.default_rng(seed)`` (per class in order, a permutation of that class's train
   rows); every class must keep at least one training image. Their ``index`` is their line index
@@ -25,13 +29,32 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetNotFoundError, FileSplit, LTDataset, resolve_root
+from ..errors import UsageError
+from .base import DatasetNotFoundError, FileSplit, LTDataset, check_val_per_class, resolve_root
 
 logger = logging.getLogger(__name__)
 
 
-class ListFileError(ValueError):
+class ListFileError(UsageError):
     """A malformed line in a list file (the message names file and line)."""
+
+
+def _quote(text: str, limit: int = 100) -> str:
+    """``repr`` of ``text``, cut to its first ``limit`` characters (a JSON file is one line)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _bad_line(path, i: int, line: str, problem: str, first: bool) -> ListFileError:
+    """The error for line ``i`` (0-based) of ``path``; when it is the ``first`` non-blank line and
+    starts with ``{`` or ``[`` (a JSON file), a message that says to convert the file."""
+    if first and line.lstrip().startswith(("{", "[")):
+        return ListFileError(f"{path} looks like a JSON annotation file (it starts with "
+                             f"{line.lstrip()[:1]!r}); glag does not read JSON annotations: "
+                             f"convert it to a list file of 'relative/path label' lines, one image "
+                             f"a line (README, \"Data\")")
+    return ListFileError(f"{path}, line {i + 1}: {problem}")
 
 
 def read_list_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -42,28 +65,40 @@ def read_list_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.n
         np.int64 [N] 0-based line indices.
 
     Raises:
-        ListFileError: a non-blank line that is not exactly ``path label`` with an int label >= 0.
+        ListFileError: a non-blank line that is not exactly ``path label`` with an int label >= 0
+            (a bad line is quoted up to 100 characters); a file that is not UTF-8 text; a JSON
+            annotation file.
     """
     paths, labels, lines = [], [], []
-    with open(path, "r", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise ListFileError(f"{path}, line {i + 1}: expected 'relative/path label' "
-                                    f"(two space-separated fields, no spaces in the path), got "
-                                    f"{line.rstrip()!r}")
-            try:
-                label = int(parts[1])
-            except ValueError:
-                label = -1
-            if label < 0:
-                raise ListFileError(f"{path}, line {i + 1}: label {parts[1]!r} is not an integer "
-                                    f">= 0")
-            paths.append(parts[0])
-            labels.append(label)
-            lines.append(i)
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            for i, line in enumerate(f):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise _bad_line(path, i, line, f"expected 'relative/path label' (two "
+                                    f"space-separated fields, no spaces in the path), got "
+                                    f"{_quote(line.rstrip())}", first=not paths)
+                try:
+                    label = int(parts[1])
+                except ValueError:
+                    label = -1
+                if label < 0:
+                    raise _bad_line(path, i, line, f"label {_quote(parts[1])} is not an integer "
+                                    f">= 0", first=not paths)
+                paths.append(parts[0])
+                labels.append(label)
+                lines.append(i)
+    except UnicodeDecodeError:  # its position is within a read chunk: find it in the bytes
+        raw = Path(path).read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ListFileError(f"{path}, line {line}: not UTF-8 text (byte "
+                                f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+        raise  # pragma: no cover - the text reader and bytes.decode disagree
     return paths, np.asarray(labels, dtype=np.int64), np.asarray(lines, dtype=np.int64)
 
 
@@ -94,6 +129,7 @@ def carve_val(labels: np.ndarray, val_per_class: int, num_classes: int,
               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Split train rows into (train_rows, val_rows), int64 positions, ``val_per_class`` of every
     present class to val (per class in order, ``rng.permutation`` of its rows)."""
+    check_val_per_class(val_per_class)
     tr, va = [], []
     for c in range(num_classes):
         rows = np.flatnonzero(labels == c)
@@ -111,6 +147,59 @@ def carve_val(labels: np.ndarray, val_per_class: int, num_classes: int,
     return train_rows.astype(np.int64), val_rows.astype(np.int64)
 
 
+def _absent(present: np.ndarray, limit: int = 10) -> list[int]:
+    """The first ``limit`` ids in ``0..present[-1]`` missing from ``present`` (sorted unique
+    labels), found from the gaps without allocating ``present[-1]`` of anything."""
+    out, prev = [], -1
+    for v in present.tolist():
+        out.extend(range(prev + 1, min(v, prev + 1 + limit - len(out))))
+        if len(out) >= limit:
+            break
+        prev = v
+    return out
+
+
+def check_labels(parsed: dict) -> int:
+    """Check the labels of the parsed list files and return ``num_classes`` = 1 + the largest
+    train label.
+
+    Args:
+        parsed: ``{"train"|"val"|"test": (list file, paths, labels int64 [N], lines int64 [N])}``
+            (``val`` optional).
+
+    Raises:
+        ListFileError: the train list is empty; a class in ``0..num_classes-1`` has no training
+            image (e.g. a mistyped label); a val/test label is not a training class.
+    """
+    train_file, _, ytr, ltr = parsed["train"]
+    if ytr.size == 0:
+        raise ListFileError(f"{train_file}: no training images (no 'relative/path label' line); "
+                            f"pass the list file of the training split")
+    num_classes = 1 + int(ytr.max())
+    present = np.unique(ytr)
+    n_absent = num_classes - present.size
+    if n_absent:
+        absent = _absent(present)
+        ids = ", ".join(map(str, absent)) + (", ..." if n_absent > len(absent) else "")
+        top = int(np.argmax(ytr))
+        raise ListFileError(
+            f"{train_file}: {n_absent} of the {num_classes} classes 0..{num_classes - 1} have no "
+            f"training image (class ids {ids}); the largest label is {int(ytr[top])} (line "
+            f"{int(ltr[top]) + 1}). Labels must be the class ids 0..C-1, each with training "
+            f"images: fix the labels or add images")
+    for name in ("val", "test"):
+        if name not in parsed:
+            continue
+        path, _, y, lines = parsed[name]
+        bad = np.flatnonzero(y >= num_classes)
+        if bad.size:
+            more = f" ({bad.size} lines like it)" if bad.size > 1 else ""
+            raise ListFileError(f"{path}, line {int(lines[bad[0]]) + 1}: label {int(y[bad[0]])} is "
+                                f"not a training class (the train list {train_file} has classes "
+                                f"0..{num_classes - 1}){more}; fix the label or remove the line")
+    return num_classes
+
+
 def build_list_dataset(root=None, imbalance_factor: float = 100.0, n_max: int = 500,
                        val_per_class: int = 20, seed: int = 0, *, train_list=None,
                        val_list=None, test_list=None, image_root=None, image_size: int = 224,
@@ -125,6 +214,10 @@ def build_list_dataset(root=None, imbalance_factor: float = 100.0, n_max: int = 
         image_root: folder the listed paths are relative to.
         image_size: side of the crops (224).
         check_files: check every listed image exists before returning.
+
+    Raises:
+        ListFileError: a malformed list file, or labels that fail :func:`check_labels`.
+        DatasetNotFoundError: a list file or (``check_files``) an image is missing.
     """
     if train_list is None or test_list is None:
         raise TypeError("the 'list' dataset needs train_list and test_list (val_list optional)")
@@ -145,25 +238,24 @@ def build_list_dataset(root=None, imbalance_factor: float = 100.0, n_max: int = 
         parsed[name] = (p, *read_list_file(p))
         if check_files:
             check_images(img_root, parsed[name][1], p)
-    num_classes = 1 + max((int(v[2].max()) for v in parsed.values() if v[2].size), default=-1)
-    if num_classes < 1:
-        raise ValueError(f"list files {', '.join(str(v[0]) for v in parsed.values())} are empty")
+    num_classes = check_labels(parsed)
 
-    def make(name, paths, labels, lines, rows=None):
+    def make(name, list_file, paths, labels, lines, rows=None):
         if rows is not None:
             paths = [paths[r] for r in rows]
             labels, lines = labels[rows], lines[rows]
-        return FileSplit(name, [str(img_root / p) for p in paths], labels, lines, image_size)
+        return FileSplit(name, [str(img_root / p) for p in paths], labels, lines, image_size,
+                         list_file=list_file)
 
-    _, ptr, ytr, ltr = parsed["train"]
+    train_file, ptr, ytr, ltr = parsed["train"]
     if "val" in parsed:
-        train = make("train", ptr, ytr, ltr)
-        val = make("val", *parsed["val"][1:])
+        train = make("train", *parsed["train"])
+        val = make("val", *parsed["val"])
     else:
         tr_rows, va_rows = carve_val(ytr, val_per_class, num_classes, np.random.default_rng(seed))
-        train = make("train", ptr, ytr, ltr, tr_rows)
-        val = make("val", ptr, ytr, ltr, va_rows)
-    test = make("test", *parsed["test"][1:])
+        train = make("train", train_file, ptr, ytr, ltr, tr_rows)
+        val = make("val", train_file, ptr, ytr, ltr, va_rows)
+    test = make("test", *parsed["test"])
     ds = LTDataset(
         name="list", num_classes=num_classes, in_channels=3, image_size=int(image_size),
         train=train, val=val, test=test,

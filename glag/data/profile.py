@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UsageError
+
 
 def lt_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[int]:
     """Per-class image counts of the exponential long-tailed profile.
@@ -21,8 +23,11 @@ def lt_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[in
         imbalance_factor: IF = n_max / n_min >= 1 (1 gives a balanced profile).
 
     Returns:
-        list of C Python ints, non-increasing. Fashion-MNIST default
+        list of C Python ints, non-increasing, each >= 1. Fashion-MNIST default
         (C=10, n_max=500, IF=100): ``[500, 299, 179, 107, 64, 38, 23, 13, 8, 5]``.
+
+    Raises:
+        UsageError: the profile leaves tail classes with 0 images (``n_max / IF < 1``).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -33,7 +38,17 @@ def lt_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[in
     if num_classes == 1:
         return [int(n_max)]
     ratio = 1.0 / float(imbalance_factor)
-    return [int(n_max * ratio ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+    counts = [int(n_max * ratio ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+    if counts[-1] < 1:  # non-increasing: the empty classes are the tail
+        first = counts.index(0)
+        need = max(int(np.ceil(imbalance_factor)), int(n_max))
+        while int(need * ratio) < 1:  # the tail class gets int(n_max / IF)
+            need += 1
+        raise UsageError(f"the long-tailed profile with n_max={n_max} and imbalance factor "
+                         f"{imbalance_factor:g} leaves classes {first}..{num_classes - 1} with 0 "
+                         f"training images ({counts}); lower --imbalance-factor (below {n_max}) "
+                         f"or raise --n-max (to {need} or more)")
+    return counts
 
 
 def profile_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
