@@ -41,7 +41,7 @@ setup(
     entry_points={
         "console_scripts": [
             "glag-train=glag.tools.train_stage1:cli",
-            "glag-extract=glag.tools.extract:main",
+            "glag-extract=glag.tools.extract:cli",
             "glag-afg-train=glag.tools.afg_train:cli",
             "glag-bench=glag.tools.bench_kernel:main",
             "glag-bench-stage2=glag.tools.bench_stage2:main",

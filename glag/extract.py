@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import glob
 import logging
+import numbers
+import os
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -29,6 +32,7 @@ import glag
 
 from . import distributed
 from .data.base import shard_split
+from .errors import UsageError
 from .features import FeatureFileError, FeatureWriter, open_features, sha256_file
 from .inference import iterate_outputs
 from .stage1 import Stage1Config, dataset_from_config, load_checkpoint, model_from_checkpoint
@@ -75,16 +79,29 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
 
     The dataset (and its LT subset, by seed) is rebuilt from the config stored in the checkpoint,
     so the train split is exactly the one stage one saw. ``data_root`` overrides where the
-    images are (the run may have been trained on another machine). Under torchrun every process
-    calls this and gets the merged file's path once it is complete (module docstring).
+    images are (the run may have been trained on another machine): the run's ``data_root``, or
+    for a list dataset its ``image_root``. The samples are checked against the ones the run
+    recorded (``indices.npz`` in the checkpoint's run folder; without one, a warning). Under
+    torchrun every process calls this and gets the merged file's path once it is complete
+    (module docstring).
 
     Raises:
         FileNotFoundError / ValueError: a missing, corrupt or mismatched checkpoint (e.g. weights
-            of another architecture), data that does not match the run.
-        FeatureFileError: ``out`` exists (without ``overwrite``), a stale ``.partial`` or
-            shard, non-finite features. A complete ``out`` is never touched by a failed run.
+            of another architecture).
+        UsageError: ``batch_size`` < 1, ``num_workers`` < 0, data that is not the run's.
+        FeatureFileError: ``out`` exists (without ``overwrite``) or is a folder, cannot be
+            written, a stale ``.partial`` or shard, non-finite features. A complete ``out`` is
+            never touched by a failed run.
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    # refused before anything is read or created, on every process alike
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise UsageError(f"--num-workers must be 0 or more, got {num_workers}")
+    if out.is_dir():  # even with overwrite: the finished file could never be renamed onto it
+        raise FeatureFileError(f"{out}: is a folder; --out is the feature file to write. Give a file name, "
+                               f"e.g. --out {out / 'feats.h5'}")
     rank, world = distributed.init_from_env()
     main = rank == 0
     if out.exists() and not overwrite:  # fail before hours of work, on every process alike
@@ -98,12 +115,16 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
     cfg_dict = dict(ckpt["config"])
     if data_root is not None:
         cfg_dict["data_root"] = str(data_root)
+        if cfg_dict.get("dataset") == "list":  # the images' folder, which wins over data_root there
+            _move_list_files(cfg_dict, data_root)
+            cfg_dict["image_root"] = str(data_root)
     cfg = Stage1Config(**{k: v for k, v in cfg_dict.items() if k in Stage1Config.__dataclass_fields__})
     data = dataset_from_config(cfg)
     counts = np.asarray(data.class_counts)
     if counts.tolist() != list(ckpt["class_counts"]):
         raise ValueError(f"the dataset rebuilt from {checkpoint}'s config has class counts {counts.tolist()}, "
                          f"but the model was trained on {ckpt['class_counts']}; check --data-root")
+    _check_same_samples(checkpoint, ckpt, data)
     dev = distributed.device()
     model = model_from_checkpoint(ckpt).to(dev)
     if cfg.channels_last:
@@ -155,6 +176,73 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
         log.info("wrote %s (merged from %d shards)", out, world)
     distributed.barrier()  # every process returns once the merged file exists
     return out
+
+
+def _move_list_files(cfg_dict: dict, image_root) -> None:
+    """A list run's split files that moved with its images: a list file that is neither where the
+    run named it nor relative to the new ``image_root`` is looked for where it lay relative to
+    the run's image root (``L/train.txt`` beside ``L/imgs`` -> ``L_moved/train.txt`` beside
+    ``L_moved/imgs``). Files not found there are left as they are (the dataset names them)."""
+    old_root = cfg_dict.get("image_root") or cfg_dict.get("data_root")
+    new_root = Path(image_root).expanduser()
+    if not old_root:
+        return
+    for key in ("train_list", "val_list", "test_list"):
+        name = cfg_dict.get(key)
+        if not name or Path(name).expanduser().is_file() or (new_root / name).is_file():
+            continue
+        try:
+            moved = new_root / os.path.relpath(Path(name).expanduser(), Path(old_root).expanduser())
+        except ValueError:  # another drive
+            continue
+        if moved.is_file():
+            log.info("--%s %s is gone; reading %s, at the same place relative to --data-root",
+                     key.replace("_", "-"), name, moved)
+            cfg_dict[key] = str(moved)
+
+
+def _check_same_samples(checkpoint: Path, ckpt: dict, data) -> None:
+    """Refuse data whose train/val/test samples are not the ones the stage-one run saw, as its
+    run folder recorded them (``indices.npz`` beside the checkpoint): another copy of the data
+    can give the same class counts. Without a readable record (a checkpoint moved out of its run
+    folder, an older run) warn that this could not be checked."""
+    record = checkpoint.parent / "indices.npz"
+    here = data.config.get("image_root" if data.name == "list" else "root") or "the dataset's folder"
+    unchecked = ("cannot check that the data at %s holds the samples the run was trained on; make sure it "
+                 "is the data the run used")
+    try:
+        with np.load(record) as f:
+            seen = {k: np.asarray(f[k]) for k in f.files}
+    except FileNotFoundError:
+        log.warning("%s has no indices.npz beside it (moved out of its run folder, or an older run): " + unchecked,
+                    checkpoint, here)
+        return
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("%s is unreadable (%s): " + unchecked, record, e, here)
+        return
+    if "class_counts" in seen and seen["class_counts"].tolist() != list(ckpt["class_counts"]):
+        log.warning("%s is another run's (class counts %s, the checkpoint's %s): " + unchecked, record,
+                    seen["class_counts"].tolist(), list(ckpt["class_counts"]), here)
+        return
+    problems = []
+    for split, now in data.indices.items():
+        if split not in seen:
+            continue
+        then = seen[split]
+        if len(now) != len(then):
+            problems.append(f"the {split} split has {len(now)} images here, {len(then)} in the run")
+        elif not np.array_equal(now, then):
+            k = int(np.argmax(now != then))
+            problems.append(f"the {split} split holds other samples (row {k}: sample {int(now[k])} here, "
+                            f"{int(then[k])} in the run)")
+    if problems:
+        cfg = ckpt.get("config", {})
+        there = cfg.get("image_root") if cfg.get("dataset") == "list" else None
+        there = there or cfg.get("data_root")
+        there = there or "the dataset's default folder (or $GLAG_DATA_ROOT) of the machine it ran on"
+        raise UsageError(f"{checkpoint}: the data at {here} is not the data this run was trained on "
+                         f"({'; '.join(problems)}; the run's samples are recorded in {record}). Pass the "
+                         f"--data-root the run used ({there}), or a copy of that data")
 
 
 def _check_shard(path: Path, sizes: dict, checkpoint_sha256: str, dtype: str) -> None:

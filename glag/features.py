@@ -36,6 +36,7 @@ Typical use (the extractor must visit samples in a fixed order so that a resume 
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import logging
@@ -49,6 +50,7 @@ import h5py
 import numpy as np
 
 from glag import __version__
+from glag.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,12 @@ _WRITER_CACHE_BYTES = 32 << 20
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 _RESERVED_ATTRS = ("format_version", "num_classes", "feature_dim", "complete")
+# errno values of an output that cannot be written (not a corrupt one)
+_WRITE_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 _EXTRACT_HINT = "make one with tools/extract.py (glag-extract)"
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(UsageError):
     """Any problem with a feature file. The message names the file, the problem and the fix."""
 
 
@@ -204,10 +208,16 @@ class FeatureWriter:
             self._expected_counts = np.asarray(attrs.pop("class_counts"), dtype=np.int64)
         self.attrs = {k: _attr_value(k, v) for k, v in attrs.items() if v is not None}
 
+        if self.path.is_dir():  # os.replace could never put the file there, even with overwrite
+            raise _err(self.path, "is a folder, not a feature file",
+                       f"Give the file to write (--out), e.g. {self.path / 'feats.h5'}")
         if self.path.exists() and not self.overwrite:
             raise _err(self.path, "already exists (a complete feature file is never replaced silently)",
                        "Pass overwrite=True (--overwrite), delete it, or choose another output path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._cannot_write(e) from e
 
         self._h5: h5py.File | None = None
         self._finalized = False
@@ -230,6 +240,17 @@ class FeatureWriter:
             raise ValueError(f"split sizes must be >= 0 (train >= 1), got {sizes}")
         return sizes
 
+    def _cannot_write(self, e: OSError) -> FeatureFileError:
+        """The output folder cannot take the file (read-only, no permission, full, a file where
+        a folder should be, ...): a usage error naming the folder and the reason."""
+        folder = self.path.parent
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        for p in (*reversed(folder.parents), folder):  # --out under a regular file
+            if os.path.exists(p) and not os.path.isdir(p):  # (os.path: never raises)
+                reason = f"{p} is a file, not a folder"
+                break
+        return FeatureFileError(f"{self.path}: cannot write in {folder} ({reason}); choose another --out")
+
     def _open(self, mode: str, path: Path | None = None) -> h5py.File:
         path = path or self.partial_path
         try:
@@ -243,6 +264,10 @@ class FeatureWriter:
                 raise _err(self.partial_path, f"cannot be locked ({e}); another extraction may be "
                            "writing it", "Wait for it or stop it; on a file system without locking "
                            "set HDF5_USE_FILE_LOCKING=FALSE") from e
+            # a new file (mode "w") has nothing to be corrupt: the folder refused it; an existing
+            # .partial refused for writing is no corrupt file either (HDF5 sets errno for both)
+            if mode == "w" or e.errno in _WRITE_REFUSED:
+                raise self._cannot_write(e) from e
             raise _err(self.partial_path, f"is an unreadable or corrupt unfinished extraction ({e})",
                        "Delete it and run the extraction again") from e
 
@@ -275,11 +300,17 @@ class FeatureWriter:
         skeleton = self._skeleton(platform.node() or "host", os.getpid())
         f = self._open("w", skeleton)
         try:
-            self._lay_out(f)
-            f.flush()
-        finally:
-            f.close()
-        os.replace(skeleton, self.partial_path)
+            try:
+                self._lay_out(f)
+                f.flush()
+            finally:
+                f.close()
+            os.replace(skeleton, self.partial_path)
+        except OSError as e:  # e.g. the disk filled up: no skeleton left behind
+            skeleton.unlink(missing_ok=True)
+            if e.errno:
+                raise self._cannot_write(e) from e
+            raise
         self._h5 = self._open("r+")
         log.info("writing features to %s (splits %s, d=%d, C=%d, %s)", self.partial_path,
                  self.split_sizes, self.feature_dim, self.num_classes, self.dtype)

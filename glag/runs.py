@@ -177,8 +177,8 @@ class RunDir:
 
     Nothing that is not the run's is ever overwritten: a new run needs a folder that does not
     exist or is empty. A folder that holds a run (its ``marker``) needs ``resume=True``; one that
-    holds other files is refused either way (:class:`glag.errors.RunExistsError`), and so is a
-    path that is a file (:class:`glag.errors.UsageError`).
+    holds other files (hidden ones aside) is refused either way (:class:`glag.errors.RunExistsError`),
+    and so is a path that is a file (:class:`glag.errors.UsageError`).
     """
 
     def __init__(self, path, *, resume: bool = False, marker: str = "config.json"):
@@ -188,7 +188,7 @@ class RunDir:
         if self.path.is_dir() and not (self.path / marker).exists():
             # hidden names are not the user's work (and include a killed atomic write's temporary file)
             others = sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
-            if others and not resume:
+            if others:  # not a run of ours either: each writes its config.json before anything else
                 shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
                 raise RunExistsError(f"--out {self.path} is not empty ({shown}) and holds no run (no {marker}); "
                                      f"its files would be overwritten: choose a new or empty folder")

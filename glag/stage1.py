@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,23 @@ class Stage1Config:
         check_ranges(dataclasses.asdict(self), **_RANGES)
         if self.arch is None:
             self.arch = "resnet10" if self.dataset in ("list", "folder") else "resnet32"
+
+
+def _absolute_paths(cfg: Stage1Config) -> Stage1Config:
+    """``cfg`` with its data paths made absolute, so that a run resumed (or extracted) from another
+    folder finds its data. A list file is taken where the dataset would find it: relative to the
+    working folder, else to the image root; one found in neither is left as given."""
+    new = {k: os.path.abspath(getattr(cfg, k)) for k in ("data_root", "image_root") if getattr(cfg, k)}
+    root = new.get("image_root") or new.get("data_root")
+    for key in ("train_list", "val_list", "test_list"):
+        name = getattr(cfg, key)
+        if not name or os.path.isabs(name):
+            continue
+        if os.path.exists(name):
+            new[key] = os.path.abspath(name)
+        elif root and os.path.exists(os.path.join(root, name)):
+            new[key] = os.path.join(root, name)
+    return dataclasses.replace(cfg, **new)
 
 
 # Options a resumed run may change: where things are and how fast they run, not what is computed.
@@ -191,6 +209,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    cfg = _absolute_paths(cfg)
     rank, world = distributed.init_from_env()
     main = rank == 0
     dev = distributed.device()

@@ -398,3 +398,105 @@ def test_new_run_refuses_existing_run_folder(tiny_run):
     with pytest.raises(FileExistsError, match="--resume"):
         train_tiny(root, run, epochs=1)
     assert folder_state(run) == before
+
+
+def test_extraction_refuses_bad_options_before_any_work(tiny_run, tmp_path, monkeypatch, capsys):
+    """--batch-size 0 or below, a negative --num-workers, --threads 0, and an existing folder as
+    --out (even with --overwrite): refused naming the option, before the checkpoint is read and
+    before any file is created."""
+    import glag.extract as extract_mod
+    from glag.errors import UsageError
+    from tools.extract import build_parser
+
+    _, run = tiny_run
+
+    def no_work(*a, **kw):
+        raise AssertionError("the extraction started before refusing its options")
+    monkeypatch.setattr(extract_mod, "load_checkpoint", no_work)
+    out = tmp_path / "feats.h5"
+    for kw, match in (({"batch_size": 0}, "--batch-size must be a positive integer, got 0"),
+                      ({"batch_size": -8}, "--batch-size must be a positive integer, got -8"),
+                      ({"num_workers": -1}, "--num-workers must be 0 or more, got -1")):
+        with pytest.raises(UsageError, match=match):
+            extract_features(run / "best.pt", out, progress=False, **kw)
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match=r"outdir: is a folder.*--out"):
+            extract_features(run / "best.pt", folder, overwrite=overwrite, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["outdir"] and list(folder.iterdir()) == []
+    # the command line refuses them when parsing, naming the option
+    for option, value in (("--batch-size", "0"), ("--batch-size", "-3"), ("--batch-size", "x"),
+                          ("--num-workers", "-1"), ("--threads", "0"), ("--threads", "-2")):
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args(["--checkpoint", "c.pt", option, value])
+        assert stop.value.code == 2
+        assert f"argument {option}: " in capsys.readouterr().err
+    args = build_parser().parse_args(["--checkpoint", "c.pt", "--batch-size", "1", "--num-workers", "0",
+                                      "--threads", "1"])
+    assert (args.batch_size, args.num_workers, args.threads) == (1, 0, 1)
+
+
+def test_extraction_from_another_copy_of_the_data_is_refused(tiny_run, tmp_path, caplog):
+    """The run folder's indices.npz records the samples stage one saw: --data-root pointing at
+    another copy of the data whose train/val/test samples differ (same class counts) is refused
+    naming both folders, before anything is written; an exact copy is accepted; a checkpoint
+    without that record (an older run) gets a warning."""
+    from glag.errors import UsageError
+
+    root, run = tiny_run
+    recorded = np.load(run / "indices.npz")
+    other = make_fake_fmnist(tmp_path / "other", train_per_class=60, test_per_class=50, seed=2)
+    fewer_test = make_fake_fmnist(tmp_path / "fewer_test", train_per_class=40, test_per_class=30)
+    out = tmp_path / "feats.h5"
+    with pytest.raises(UsageError, match=r"indices\.npz") as err:
+        extract_features(run / "best.pt", out, data_root=other, progress=False)
+    msg = str(err.value)
+    assert "train" in msg and str(other) in msg and str(root) in msg and "--data-root" in msg, msg
+    with pytest.raises(UsageError, match=r"test split.* 500 .*300|test split.* 300 .*500"):
+        extract_features(run / "best.pt", out, data_root=fewer_test, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fewer_test", "other"]
+    # an exact copy elsewhere: accepted
+    same = make_fake_fmnist(tmp_path / "same", train_per_class=40, test_per_class=50)
+    extract_features(run / "best.pt", out, data_root=same, splits=("train",), batch_size=64, progress=False)
+    with open_features(out) as ff:
+        assert np.array_equal(ff.load("train").index, recorded["train"])
+    # a checkpoint without its run folder's record: a warning, not a refusal
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "best.pt").write_bytes((run / "best.pt").read_bytes())
+    with caplog.at_level("WARNING", logger="glag"):
+        extract_features(old / "best.pt", tmp_path / "old.h5", data_root=other, splits=("train",), batch_size=64,
+                         progress=False)
+    assert any("indices.npz" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_extraction_of_a_list_run_reads_the_images_from_data_root(tmp_path, monkeypatch):
+    """A list-dataset run trained with --image-root A; the dataset folder (images and list files)
+    moves to B: --data-root B is where the images are now, and the extraction reads them there,
+    and the list files too, however the run named them (relative to the working folder or to the
+    image root, or absolute)."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "A"
+    rng = np.random.RandomState(3)
+    for split, per_class in (("train", (10, 6, 4)), ("val", (2, 2, 2)), ("test", (2, 2, 2))):
+        lines = []
+        for c, n in enumerate(per_class):
+            (first / f"c{c}").mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                rel = f"c{c}/{split}_{k}.png"
+                Image.fromarray(rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)).save(first / rel)
+                lines.append(f"{rel} {c}")
+        (first / f"lt_{split}.txt").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    train_stage1(Stage1Config(out=str(run), dataset="list", train_list="A/lt_train.txt", val_list="lt_val.txt",
+                              test_list=str(first / "lt_test.txt"), image_root="A", image_size=16,
+                              arch="resnet20", epochs=1, batch_size=8, eval_batch_size=64, progress=False))
+    moved = first.rename(tmp_path / "B")
+    out = extract_features(run / "best.pt", tmp_path / "feats.h5", data_root=moved, batch_size=8, progress=False)
+    recorded = np.load(run / "indices.npz")
+    with open_features(out) as ff:
+        for split in ("train", "val", "test"):
+            assert np.array_equal(ff.load(split).index, recorded[split]), split

@@ -408,3 +408,72 @@ def test_empty_split_and_dtype(tmp_path, data):
         assert ff.splits == ["train", "val"] and len(ff.load("val")) == 0
         assert list(ff.iter_chunks("val", 8)) == []
         assert ff.load("train", dtype=np.float64).features.dtype == np.float64
+
+
+# -- output paths that cannot be written ----------------------------------------------------
+
+
+def _refused_unwritable(path, folder, reason):
+    """FeatureWriter(path) is refused as a usage error naming ``folder`` and ``reason``, and
+    not as a corrupt .partial (there is none)."""
+    from glag.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot write in") as err:
+        FeatureWriter(path, split_sizes=SIZES, feature_dim=D, num_classes=C, attrs=ATTRS)
+    msg = str(err.value)
+    assert f"cannot write in {folder} (" in msg and reason in msg and "choose another --out" in msg, msg
+    assert "corrupt" not in msg and "Delete it" not in msg, msg
+
+
+def test_unwritable_output_folder(tmp_path, monkeypatch):
+    """A read-only folder (simulated: HDF5 cannot create the file there, EROFS), a missing
+    subfolder of one (mkdir fails), --out under a regular file: each refused naming the folder,
+    nothing written."""
+    import errno
+    import pathlib
+
+    import glag.features as features_mod
+
+    real_file = h5py.File
+
+    def read_only_file(name, mode="r", *a, **kw):
+        if mode != "r":
+            raise OSError(errno.EROFS, f"Unable to synchronously create file (unable to open file: name = "
+                                       f"'{name}', errno = 30, error message = 'Read-only file system')")
+        return real_file(name, mode, *a, **kw)
+
+    monkeypatch.setattr(features_mod.h5py, "File", read_only_file)
+    _refused_unwritable(tmp_path / "f.h5", tmp_path, "Read-only file system")
+    assert list(tmp_path.iterdir()) == []
+    # a .partial to resume in a folder that has become read-only: not "corrupt" either
+    monkeypatch.setattr(features_mod.h5py, "File", real_file)
+    w = FeatureWriter(tmp_path / "g.h5", split_sizes=SIZES, feature_dim=D, num_classes=C, attrs=ATTRS)
+    w.close()
+    monkeypatch.setattr(features_mod.h5py, "File", read_only_file)
+    _refused_unwritable(tmp_path / "g.h5", tmp_path, "Read-only file system")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5.partial"]
+    monkeypatch.setattr(features_mod.h5py, "File", real_file)
+
+    def read_only_mkdir(self, *a, **kw):
+        if not self.is_dir():
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only_mkdir)
+    _refused_unwritable(tmp_path / "ro" / "sub" / "f.h5", tmp_path / "ro" / "sub", "Read-only file system")
+    monkeypatch.undo()
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a folder")
+    _refused_unwritable(afile / "f.h5", afile, "is a file, not a folder")
+    _refused_unwritable(afile / "sub" / "f.h5", afile / "sub", "is a file, not a folder")
+    assert afile.read_bytes() == b"not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "g.h5.partial"]
+
+
+def test_output_path_is_a_folder(tmp_path):
+    """A folder as the output path is refused up front, with or without overwrite (os.replace
+    could never put the file there), and nothing is created beside it."""
+    out = tmp_path / "outdir"
+    out.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(FeatureFileError, match=r"outdir: is a folder"):
+            FeatureWriter(out, split_sizes=SIZES, feature_dim=D, num_classes=C, attrs=ATTRS, overwrite=overwrite)
+    assert [p.name for p in tmp_path.iterdir()] == ["outdir"] and list(out.iterdir()) == []

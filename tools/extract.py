@@ -21,9 +21,22 @@ if __package__ in (None, ""):
     import os
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import setup_logging
+    from tools._common import cli_main, setup_logging
 else:
-    from ._common import setup_logging
+    from ._common import cli_main, setup_logging
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
+    def parse(s: str) -> int:
+        try:
+            value = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
                    help="storage type of the features; float16 halves the file, read back as float32 "
                         "(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=512,
+    p.add_argument("--batch-size", type=_int_at_least(1), default=512,
                    help="images per forward pass; a resumed run must use the same (default: %(default)s)")
-    p.add_argument("--data-root", help="where the images are, if not where the stage-one run found them")
+    p.add_argument("--data-root",
+                   help="where the images are, if not where the stage-one run found them: replaces the run's "
+                        "--data-root (for a list dataset, its --image-root, the folder the list files' paths "
+                        "are relative to). It must hold the samples the run was trained on (checked against "
+                        "the run folder's indices.npz)")
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"),
                    help="which splits to write (default: all three)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing complete --out file")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--num-workers", type=_int_at_least(0), default=0,
+                   help="data-loading processes (default: %(default)s)")
+    p.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -71,5 +89,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The ``glag-extract`` command: :func:`main` with user errors printed, not raised."""
+    return cli_main(main, argv, "run the same command again: the extraction resumes from its .partial file")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

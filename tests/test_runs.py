@@ -1,0 +1,59 @@
+"""Run folders (glag.runs): what a new run may be written into, and the files' permissions."""
+import json
+import os
+import stat
+
+import pytest
+
+from glag.errors import RunExistsError, UsageError
+from glag.runs import RunDir, atomic_write_json, continue_epochs
+
+
+def test_new_run_needs_a_new_or_empty_folder(tmp_path):
+    """Someone else's files are never overwritten: a folder with files but no run is refused,
+    so is a path that is a file; an empty folder, or one holding only hidden files (a killed
+    atomic write's temporary), is fine."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "summary.csv").write_text("run,notes\n1,keep me\n")
+    with pytest.raises(RunExistsError, match=r"is not empty \(summary.csv\) and holds no run"):
+        RunDir(foreign)
+    with pytest.raises(RunExistsError):
+        RunDir(foreign, resume=True)  # nothing to resume either
+    assert (foreign / "summary.csv").read_text() == "run,notes\n1,keep me\n"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file; a run needs a folder"):
+        RunDir(tmp_path / "file")
+    with pytest.raises(UsageError, match="cannot make the run folder"):
+        RunDir(tmp_path / "file" / "sub")
+    (tmp_path / "empty").mkdir()
+    RunDir(tmp_path / "empty").write_config({"a": 1})
+    with pytest.raises(RunExistsError, match="already holds a run; pass --resume"):
+        RunDir(tmp_path / "empty")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".config.json.abc.tmp").write_text("{")
+    RunDir(hidden)
+
+
+def test_atomic_files_get_the_mode_of_the_umask(tmp_path):
+    """Files written atomically are as readable as open() would make them (mkstemp's 0600 is not kept)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_json(tmp_path / "metrics.json", {"top1": 1.0})
+    mode = stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode)
+    assert mode == 0o666 & ~umask
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert mode == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_continue_epochs_records_more_and_refuses_fewer(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.write_config({"epochs": 3, "lr": 0.1})
+    continue_epochs(run, 5, done=3)
+    assert json.loads((run / "config.json").read_text()) == {"epochs": 5, "lr": 0.1}
+    continue_epochs(run, 7, done=3, write=False)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 5
+    with pytest.raises(UsageError, match="has trained 4 epochs already; --epochs 3 is fewer"):
+        continue_epochs(run, 3, done=4)
