@@ -60,7 +60,7 @@ def _write_splits(writer: FeatureWriter, splits: dict, model, batch_size: int, *
         if done == len(split):
             continue
         if done % batch_size:
-            raise ValueError(f"{writer.partial_path} holds {done} rows of {name}, not a multiple of the batch "
+            raise UsageError(f"{writer.partial_path} holds {done} rows of {name}, not a multiple of the batch "
                              f"size {batch_size}: resume with the --batch-size of the interrupted run")
         if done:
             log.info("resuming %s%s at row %d of %d", name, label, done, len(split))
@@ -122,7 +122,7 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
     data = dataset_from_config(cfg)
     counts = np.asarray(data.class_counts)
     if counts.tolist() != list(ckpt["class_counts"]):
-        raise ValueError(f"the dataset rebuilt from {checkpoint}'s config has class counts {counts.tolist()}, "
+        raise UsageError(f"the dataset rebuilt from {checkpoint}'s config has class counts {counts.tolist()}, "
                          f"but the model was trained on {ckpt['class_counts']}; check --data-root")
     _check_same_samples(checkpoint, ckpt, data)
     dev = distributed.device()
@@ -148,10 +148,10 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
 
     # ---- sharded: one file per process, then rank 0 merges
     if "train" not in split_objs:
-        raise ValueError(f"--splits {' '.join(splits)}: a feature file needs the train split (class_counts)")
+        raise UsageError(f"--splits {' '.join(splits)}: a feature file needs the train split (class_counts)")
     n_train = len(split_objs["train"])
     if -(-n_train // batch_size) < world:
-        raise ValueError(f"the train split has {n_train} images, fewer than {world} batches of --batch-size "
+        raise UsageError(f"the train split has {n_train} images, fewer than {world} batches of --batch-size "
                          f"{batch_size}: every process needs at least one batch; lower --batch-size or run "
                          f"fewer processes")
     shards = {name: shard_split(s, rank, world, batch_size) for name, s in split_objs.items()}

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import build_dataset, iterate_batches
 from .data.base import shard_split
+from .errors import UsageError
 from .inference import iterate_outputs
 from .losses import SCHEDULES, StageOneLoss, log_prior
 from .metrics import format_table, summarize
@@ -162,11 +163,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a corrupt file
-        raise ValueError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); "
+        raise UsageError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); "
                          f"it may be truncated: use the run's other checkpoint or retrain") from exc
     missing = {"model", "arch", "num_classes", "in_channels", "version"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
-        raise ValueError(f"{path} is not a glag stage-one checkpoint (missing {sorted(missing)})")
+        raise UsageError(f"{path} is not a glag stage-one checkpoint (missing {sorted(missing)})")
     return ckpt
 
 
@@ -176,7 +177,7 @@ def model_from_checkpoint(ckpt: dict):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ValueError(f"the checkpoint's weights do not fit a {ckpt['arch']} with {ckpt['num_classes']} "
+        raise UsageError(f"the checkpoint's weights do not fit a {ckpt['arch']} with {ckpt['num_classes']} "
                          f"classes and {ckpt['in_channels']} input channels: {str(exc).splitlines()[0]}") from exc
     return model
 
@@ -214,7 +215,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
     main = rank == 0
     dev = distributed.device()
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                          f"{world} processes; use e.g. {cfg.batch_size - cfg.batch_size % world or world}")
     run = RunDir(cfg.out, resume=resume)  # every process checks before any writes (no race)
     distributed.barrier()
@@ -245,7 +246,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
         ckpt = load_checkpoint(last_path)
         check_resume_options(ckpt.get("config", {}), dataclasses.asdict(cfg), last_path, RESUME_FREE_OPTIONS)
         if ckpt["num_classes"] != data.num_classes or list(ckpt["class_counts"]) != counts.tolist():
-            raise ValueError(f"{last_path} was trained on {ckpt['num_classes']} classes of "
+            raise UsageError(f"{last_path} was trained on {ckpt['num_classes']} classes of "
                              f"{list(ckpt['class_counts'])} images, but the data now gives {data.num_classes} of "
                              f"{counts.tolist()}; point --data-root at the run's data or choose another --out")
         continue_epochs(run, cfg.epochs, ckpt["epoch"], write=main)

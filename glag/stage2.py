@@ -178,7 +178,7 @@ def load_splits(path, tukey_lambda: float) -> tuple[object, dict[str, CachedSpli
 
 def _load_splits(ff, tukey_lambda: float) -> tuple[object, dict[str, CachedSplit]]:
     if "train" not in ff.splits:
-        raise ValueError(f"{ff.path} has no /train split; stage two needs the training features")
+        raise UsageError(f"{ff.path} has no /train split; stage two needs the training features")
     splits = {}
     for name in ff.splits:
         s = ff.load(name)
@@ -594,7 +594,7 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
     if resume and last_path.exists():
         ck = torch.load(last_path, map_location="cpu", weights_only=True)
         if (ck["num_classes"], ck["feature_dim"]) != (C, d) or ck.get("features_fingerprint", fingerprint) != fingerprint:
-            raise ValueError(f"{last_path} was trained on other features (C = {ck['num_classes']}, d = "
+            raise UsageError(f"{last_path} was trained on other features (C = {ck['num_classes']}, d = "
                              f"{ck['feature_dim']}, fingerprint {ck.get('features_fingerprint', '-')}) than "
                              f"{cfg.features} (C = {C}, d = {d}, fingerprint {fingerprint}); resume with the "
                              f"run's --features, or choose another --out")

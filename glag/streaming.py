@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from . import afg
+from .errors import UsageError
 from .features import FeatureFileError
 from .sampling import sample_calibrated
 
@@ -97,10 +98,10 @@ def parse_bytes(value) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGTkmgt]?)(?:i?[Bb])?\s*", str(value))
         if not m:
-            raise ValueError(f"cannot read {value!r} as a memory size; write e.g. 4G, 512M, 300K or a byte count")
+            raise UsageError(f"cannot read {value!r} as a memory size; write e.g. 4G, 512M, 300K or a byte count")
         n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if n <= 0:
-        raise ValueError(f"a memory size must be positive, got {value!r}")
+        raise UsageError(f"a memory size must be positive, got {value!r}")
     return n
 
 

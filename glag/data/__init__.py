@@ -12,6 +12,7 @@ See DESIGN.md ("Data") for the protocols; each module's docstring for the detail
 """
 from __future__ import annotations
 
+from ..errors import UsageError
 from .base import (DatasetCorruptError, DatasetNotFoundError, FileSplit, LTDataset, Split,
                    TensorSplit, batch_order, batch_seed, iterate_batches, num_batches)
 from .cifar import build_cifar100_lt, download_cifar100
@@ -59,7 +60,7 @@ def build_dataset(name: str = DEFAULT_DATASET, root=None, imbalance_factor: floa
     try:
         builder = DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
     return builder(root=root, imbalance_factor=imbalance_factor, n_max=n_max,
                    val_per_class=val_per_class, seed=seed, **kw)
 

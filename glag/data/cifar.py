@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
 from . import transforms as T
 from .base import (DatasetCorruptError, DatasetNotFoundError, LTDataset, TensorSplit,
                    check_val_per_class, resolve_root)
@@ -250,7 +251,7 @@ def build_cifar100_lt(root=None, imbalance_factor: float = 100.0, n_max: int = 5
     have = np.bincount(ytr, minlength=NUM_CLASSES)
     if (have < np.asarray(counts)).any():
         c = int(np.flatnonzero(have < np.asarray(counts))[0])
-        raise ValueError(f"{folder}: class {c} has {have[c]} training images, the profile needs "
+        raise UsageError(f"{folder}: class {c} has {have[c]} training images, the profile needs "
                          f"{counts[c]}; lower n_max")
     train_idx = ldam_select(ytr, counts, ldam_seed)
     val_idx = select_val_leftover(ytr, train_idx, NUM_CLASSES, val_per_class,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
 from . import transforms as T
 from .base import (DatasetCorruptError, DatasetNotFoundError, LTDataset, TensorSplit,
                    check_val_per_class, resolve_root)
@@ -155,7 +156,7 @@ def select_lt(labels: np.ndarray, counts: list[int], val_per_class: int,
         idx = np.flatnonzero(labels == c)
         need = n + val_per_class
         if idx.size < need:
-            raise ValueError(f"class {c} has {idx.size} images but the profile needs {n} train + "
+            raise UsageError(f"class {c} has {idx.size} images but the profile needs {n} train + "
                              f"{val_per_class} val = {need}; lower n_max or val_per_class")
         perm = rng.permutation(idx)
         train.append(perm[:n])

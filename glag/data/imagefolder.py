@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
 from .base import (ENV_DATA_ROOT, DatasetNotFoundError, FileSplit, LTDataset, check_val_per_class,
                    resolve_root)
 from .listfile import carve_val
@@ -58,7 +59,7 @@ def _flatten(tree: dict[str, list[Path]], class_ids: dict[str, int], split_dir: 
     """(paths, labels int64 [N]) of a scanned split, classes in id order."""
     unknown = sorted(set(tree) - set(class_ids))
     if unknown:
-        raise ValueError(f"{split_dir} has class folder(s) {', '.join(unknown[:5])} that are not "
+        raise UsageError(f"{split_dir} has class folder(s) {', '.join(unknown[:5])} that are not "
                          f"training classes (folders of {split_dir.parent / 'train'}); add them to "
                          f"train or remove them")
     paths, labels = [], []
@@ -126,7 +127,7 @@ def build_folder_dataset(root=None, imbalance_factor: float = 100.0, n_max: int 
         try:
             tr_rows, va_rows = carve_val(ytr, val_per_class, num_classes, np.random.default_rng(seed))
         except ValueError as e:  # name the class and this dataset's remedy
-            raise ValueError(f"{e} ({root / 'train'}: classes are {', '.join(class_names[:10])}"
+            raise UsageError(f"{e} ({root / 'train'}: classes are {', '.join(class_names[:10])}"
                              f"{', ...' if num_classes > 10 else ''}; or add a {root / 'val'} "
                              f"folder)") from e
         train, val = make("train", ptr, ytr, tr_rows), make("val", ptr, ytr, va_rows)

@@ -136,7 +136,7 @@ def carve_val(labels: np.ndarray, val_per_class: int, num_classes: int,
         if rows.size == 0:
             continue
         if rows.size <= val_per_class:
-            raise ValueError(f"class {c} has {rows.size} training images, cannot move "
+            raise UsageError(f"class {c} has {rows.size} training images, cannot move "
                              f"{val_per_class} to val and keep one for training; pass val_list "
                              f"or lower val_per_class")
         perm = rng.permutation(rows)

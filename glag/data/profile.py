@@ -30,11 +30,11 @@ def lt_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[in
         UsageError: the profile leaves tail classes with 0 images (``n_max / IF < 1``).
     """
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
     if n_max < 1:
-        raise ValueError(f"n_max must be >= 1, got {n_max}")
+        raise UsageError(f"n_max must be >= 1, got {n_max}")
     if not imbalance_factor >= 1.0:
-        raise ValueError(f"imbalance_factor must be >= 1, got {imbalance_factor}")
+        raise UsageError(f"imbalance_factor must be >= 1, got {imbalance_factor}")
     if num_classes == 1:
         return [int(n_max)]
     ratio = 1.0 / float(imbalance_factor)
