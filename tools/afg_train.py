@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adaptive-omega", type=_bool, metavar="BOOL", help="move ω by validation accuracy")
     g.add_argument("--omega-init", type=_omega_init, default="auto",
                    help="initial ω of tail classes, or 'auto': one run per --omega-grid value, the best on "
-                        "validation top-1 kept (the paper gives 0.6 and 0.4) (default: %(default)s)")
+                        "validation top-1 kept (the paper gives 0.6 and 0.4); --method dc: 'auto' is DC's fixed "
+                        "k/(k+1), a number replaces it (default: %(default)s)")
     g.add_argument("--omega-grid", type=float, nargs="+", default=[0.6, 0.4, 0.2, 0.0], metavar="W",
                    help="candidates of --omega-init auto; ties go to the earlier one (default: 0.6 0.4 0.2 0.0)")
     g.add_argument("--omega-workers", type=int, metavar="N",
