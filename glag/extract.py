@@ -20,7 +20,6 @@ import glob
 import logging
 import numbers
 import os
-import zipfile
 from pathlib import Path
 
 import h5py
@@ -35,7 +34,8 @@ from .data.base import shard_split
 from .errors import UsageError
 from .features import FeatureFileError, FeatureWriter, open_features, sha256_file
 from .inference import iterate_outputs
-from .stage1 import Stage1Config, dataset_from_config, load_checkpoint, model_from_checkpoint
+from .stage1 import (Stage1Config, check_same_samples, dataset_from_config, load_checkpoint,
+                     model_from_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
     if counts.tolist() != list(ckpt["class_counts"]):
         raise UsageError(f"the dataset rebuilt from {checkpoint}'s config has class counts {counts.tolist()}, "
                          f"but the model was trained on {ckpt['class_counts']}; check --data-root")
-    _check_same_samples(checkpoint, ckpt, data)
+    check_same_samples(checkpoint, ckpt, data)
     dev = distributed.device()
     model = model_from_checkpoint(ckpt).to(dev)
     if cfg.channels_last:
@@ -199,50 +199,6 @@ def _move_list_files(cfg_dict: dict, image_root) -> None:
             log.info("--%s %s is gone; reading %s, at the same place relative to --data-root",
                      key.replace("_", "-"), name, moved)
             cfg_dict[key] = str(moved)
-
-
-def _check_same_samples(checkpoint: Path, ckpt: dict, data) -> None:
-    """Refuse data whose train/val/test samples are not the ones the stage-one run saw, as its
-    run folder recorded them (``indices.npz`` beside the checkpoint): another copy of the data
-    can give the same class counts. Without a readable record (a checkpoint moved out of its run
-    folder, an older run) warn that this could not be checked."""
-    record = checkpoint.parent / "indices.npz"
-    here = data.config.get("image_root" if data.name == "list" else "root") or "the dataset's folder"
-    unchecked = ("cannot check that the data at %s holds the samples the run was trained on; make sure it "
-                 "is the data the run used")
-    try:
-        with np.load(record) as f:
-            seen = {k: np.asarray(f[k]) for k in f.files}
-    except FileNotFoundError:
-        log.warning("%s has no indices.npz beside it (moved out of its run folder, or an older run): " + unchecked,
-                    checkpoint, here)
-        return
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        log.warning("%s is unreadable (%s): " + unchecked, record, e, here)
-        return
-    if "class_counts" in seen and seen["class_counts"].tolist() != list(ckpt["class_counts"]):
-        log.warning("%s is another run's (class counts %s, the checkpoint's %s): " + unchecked, record,
-                    seen["class_counts"].tolist(), list(ckpt["class_counts"]), here)
-        return
-    problems = []
-    for split, now in data.indices.items():
-        if split not in seen:
-            continue
-        then = seen[split]
-        if len(now) != len(then):
-            problems.append(f"the {split} split has {len(now)} images here, {len(then)} in the run")
-        elif not np.array_equal(now, then):
-            k = int(np.argmax(now != then))
-            problems.append(f"the {split} split holds other samples (row {k}: sample {int(now[k])} here, "
-                            f"{int(then[k])} in the run)")
-    if problems:
-        cfg = ckpt.get("config", {})
-        there = cfg.get("image_root") if cfg.get("dataset") == "list" else None
-        there = there or cfg.get("data_root")
-        there = there or "the dataset's default folder (or $GLAG_DATA_ROOT) of the machine it ran on"
-        raise UsageError(f"{checkpoint}: the data at {here} is not the data this run was trained on "
-                         f"({'; '.join(problems)}; the run's samples are recorded in {record}). Pass the "
-                         f"--data-root the run used ({there}), or a copy of that data")
 
 
 def _check_shard(path: Path, sizes: dict, checkpoint_sha256: str, dtype: str) -> None:

@@ -181,8 +181,10 @@ class RunDir:
     and so is a path that is a file (:class:`glag.errors.UsageError`).
     """
 
-    def __init__(self, path, *, resume: bool = False, marker: str = "config.json"):
-        self.path = Path(path)
+    def __init__(self, path, *, resume: bool = False, marker: str = "config.json", create: bool = True):
+        """Check ``path`` for a new run (or, with ``resume``, an existing one); with ``create``, also
+        :meth:`create` it (``create=False``: check now, create once the inputs have been read)."""
+        self.path, self.resume = Path(path), resume
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {self.path} is a file; a run needs a folder: choose another --out")
         if self.path.is_dir() and not (self.path / marker).exists():
@@ -195,11 +197,26 @@ class RunDir:
         elif self.path.is_dir() and not resume:
             raise RunExistsError(
                 f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
+        if resume and not (self.path / marker).exists():
+            raise UsageError(f"--resume: {self.path} holds no run to continue (no {marker}); check --out, or "
+                             f"start the run without --resume")
+        if create:
+            self.create()
+
+    def create(self) -> None:
+        """Make the folder (and check it can be written); when resuming, remove the temporary files
+        of atomic writes a killed run left (only one process may call this while nothing writes)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a parent that is a file, no permission, ...
-            raise UsageError(f"cannot make the run folder --out {self.path}: {exc.strerror or exc}; "
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test.")  # writable (root ignores modes)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:  # a parent that is a file, no permission, a read-only file system, ...
+            raise UsageError(f"cannot write the run folder --out {self.path}: {exc.strerror or exc}; "
                              f"choose another --out") from exc
+        if self.resume:
+            for tmp in self.path.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

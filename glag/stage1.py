@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +130,10 @@ def _absolute_paths(cfg: Stage1Config) -> Stage1Config:
     return dataclasses.replace(cfg, **new)
 
 
-# Options a resumed run may change: where things are and how fast they run, not what is computed.
+# Options a resumed run may change: where things are and how fast they run, not what is computed
+# (not --threads: the order of a CPU step's sums follows the thread count).
 RESUME_FREE_OPTIONS = frozenset({"out", "data_root", "image_root", "train_list", "val_list", "test_list",
-                                 "num_workers", "eval_batch_size", "channels_last", "threads", "progress"})
+                                 "num_workers", "eval_batch_size", "channels_last", "progress"})
 
 
 def dataset_from_config(cfg) -> object:
@@ -144,6 +146,50 @@ def dataset_from_config(cfg) -> object:
         kw = dict(image_size=cfg.image_size)
     return build_dataset(cfg.dataset, root=cfg.data_root, imbalance_factor=cfg.imbalance_factor,
                          n_max=cfg.n_max, val_per_class=cfg.val_per_class, seed=cfg.seed, **kw)
+
+
+def check_same_samples(checkpoint: Path, ckpt: dict, data) -> None:
+    """Refuse data whose train/val/test samples are not the ones the stage-one run saw, as its
+    run folder recorded them (``indices.npz`` beside the checkpoint): another copy of the data
+    can give the same class counts. Without a readable record (a checkpoint moved out of its run
+    folder, an older run) warn that this could not be checked."""
+    record = checkpoint.parent / "indices.npz"
+    here = data.config.get("image_root" if data.name == "list" else "root") or "the dataset's folder"
+    unchecked = ("cannot check that the data at %s holds the samples the run was trained on; make sure it "
+                 "is the data the run used")
+    try:
+        with np.load(record) as f:
+            seen = {k: np.asarray(f[k]) for k in f.files}
+    except FileNotFoundError:
+        log.warning("%s has no indices.npz beside it (moved out of its run folder, or an older run): " + unchecked,
+                    checkpoint, here)
+        return
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("%s is unreadable (%s): " + unchecked, record, e, here)
+        return
+    if "class_counts" in seen and seen["class_counts"].tolist() != list(ckpt["class_counts"]):
+        log.warning("%s is another run's (class counts %s, the checkpoint's %s): " + unchecked, record,
+                    seen["class_counts"].tolist(), list(ckpt["class_counts"]), here)
+        return
+    problems = []
+    for split, now in data.indices.items():
+        if split not in seen:
+            continue
+        then = seen[split]
+        if len(now) != len(then):
+            problems.append(f"the {split} split has {len(now)} images here, {len(then)} in the run")
+        elif not np.array_equal(now, then):
+            k = int(np.argmax(now != then))
+            problems.append(f"the {split} split holds other samples (row {k}: sample {int(now[k])} here, "
+                            f"{int(then[k])} in the run)")
+    if problems:
+        cfg = ckpt.get("config", {})
+        there = cfg.get("image_root") if cfg.get("dataset") == "list" else None
+        there = there or cfg.get("data_root")
+        there = there or "the dataset's default folder (or $GLAG_DATA_ROOT) of the machine it ran on"
+        raise UsageError(f"{checkpoint}: the data at {here} is not the data this run was trained on "
+                         f"({'; '.join(problems)}; the run's samples are recorded in {record}). Pass the "
+                         f"--data-root the run used ({there}), or a copy of that data")
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
@@ -217,10 +263,12 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                          f"{world} processes; use e.g. {cfg.batch_size - cfg.batch_size % world or world}")
-    run = RunDir(cfg.out, resume=resume)  # every process checks before any writes (no race)
+    run = RunDir(cfg.out, resume=resume, create=False)  # every process checks before any writes (no race)
     distributed.barrier()
     seed_everything(cfg.seed + rank)
     data = dataset_from_config(cfg)
+    if main:  # made once the data are known to be there: a data error leaves no folder behind
+        run.create()
     log.info("data: %s", data.describe())
     counts = np.asarray(data.class_counts)
 
@@ -249,6 +297,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
             raise UsageError(f"{last_path} was trained on {ckpt['num_classes']} classes of "
                              f"{list(ckpt['class_counts'])} images, but the data now gives {data.num_classes} of "
                              f"{counts.tolist()}; point --data-root at the run's data or choose another --out")
+        check_same_samples(last_path, ckpt, data)  # another copy of the data, with the same class counts
         continue_epochs(run, cfg.epochs, ckpt["epoch"], write=main)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -299,9 +348,9 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
             z = net(x)
             loss = loss_fn(z, y, epoch + i / steps_per_epoch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i}"
-                                         f"{f' on rank {rank}' if world > 1 else ''}; "
-                                         f"lower --lr (now {cfg.lr}) or check the data")
+                raise UsageError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i}"
+                                 f"{f' on rank {rank}' if world > 1 else ''}; lower --lr (now {cfg.lr}) or check "
+                                 f"the data, and start again in another --out (or delete {cfg.out})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -337,9 +337,9 @@ class InMemoryData:
 
 # Options a resumed run may change: where the features are, how fast and in how much memory it
 # runs (the backends draw the same samples to float rounding; a resumed run keeps its data path
-# and streaming plan whatever the budget), not what it computes.
-RESUME_FREE_OPTIONS = frozenset({"out", "features", "backend", "threads", "progress", "omega_workers",
-                                 "max_memory"})
+# and streaming plan whatever the budget), not what it computes (not --threads: the order of the
+# classifier's sums follows the thread count).
+RESUME_FREE_OPTIONS = frozenset({"out", "features", "backend", "progress", "omega_workers", "max_memory"})
 
 
 def check_inputs(ff, cfg: Stage2Config) -> None:

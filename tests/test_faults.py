@@ -69,9 +69,9 @@ def tiny_cli_args(root: Path, out: Path, epochs: int) -> list[str]:
             "--out", str(out), "--no-progress", "--threads", "1"]
 
 
-def train_tiny(root: Path, out: Path, epochs: int = 1, **kw) -> Path:
-    """Train the tiny stage one in this process; returns the run folder."""
-    train_stage1(Stage1Config(out=str(out), data_root=str(root), epochs=epochs, **{**TINY, **kw}))
+def train_tiny(root: Path, out: Path, epochs: int = 1, resume: bool = False, **kw) -> Path:
+    """Train (or resume) the tiny stage one in this process; returns the run folder."""
+    train_stage1(Stage1Config(out=str(out), data_root=str(root), epochs=epochs, **{**TINY, **kw}), resume=resume)
     return out
 
 
@@ -500,3 +500,51 @@ def test_extraction_of_a_list_run_reads_the_images_from_data_root(tmp_path, monk
     with open_features(out) as ff:
         for split in ("train", "val", "test"):
             assert np.array_equal(ff.load(split).index, recorded[split]), split
+
+
+def test_stage1_resume_refuses_other_threads_and_another_copy_of_the_data(tmp_path):
+    """--threads changes a CPU step's sums, so a resume may not change it; another copy of the
+    data with the same class counts (another Fashion-MNIST folder) is refused too, checked
+    against the run's indices.npz."""
+    from glag.errors import UsageError
+
+    root = make_fake_fmnist(tmp_path / "fmnist")
+    other = make_fake_fmnist(tmp_path / "other", seed=7)
+    out = train_tiny(root, tmp_path / "run", epochs=1, threads=1)
+    with pytest.raises(UsageError, match="--threads: 1 in the run, 2 now"):
+        train_tiny(root, out, epochs=2, threads=2, resume=True)
+    with pytest.raises(UsageError, match="not the data this run was trained on"):
+        train_tiny(other, out, epochs=2, threads=1, resume=True)
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_stage1_mistakes_leave_no_folder_and_print_no_traceback(tmp_path, capsys):
+    """Missing data and a diverging --lr: a usage error (exit 2 from the command) naming the fix;
+    missing data leaves no run folder (it is made once the data are read)."""
+    from glag.errors import UsageError
+    from tools import train_stage1 as tool_stage1
+
+    out = tmp_path / "x" / "run"
+    with pytest.raises(UsageError, match="not found|does not exist|cannot find"):
+        train_tiny(tmp_path / "nope", out)
+    assert not (tmp_path / "x").exists()
+    root = make_fake_fmnist(tmp_path / "fmnist")
+    assert tool_stage1.cli(tiny_cli_args(root, tmp_path / "nan", 1) + ["--lr", "1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "lower --lr" in err and "Traceback" not in err
+
+
+def test_config_files_are_checked_like_flags(tmp_path, capsys):
+    """--config: a value outside an option's choices, a JSON list, a file that is not UTF-8: an
+    argparse error (exit 2) naming the file, and no run folder."""
+    from tools import train_stage1 as tool_stage1
+
+    cases = {"arch.json": json.dumps({"arch": "bogus"}).encode(), "list.json": b"[1, 2]", "bytes.json": b"\xff\xfe"}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit) as exc:
+            tool_stage1.main(["--config", str(tmp_path / name), "--out", str(tmp_path / "run")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert name in err and ("is not one of" in err or "not an object" in err or "cannot read" in err), err
+    assert not (tmp_path / "run").exists()

@@ -24,7 +24,7 @@ def test_new_run_needs_a_new_or_empty_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="is a file; a run needs a folder"):
         RunDir(tmp_path / "file")
-    with pytest.raises(UsageError, match="cannot make the run folder"):
+    with pytest.raises(UsageError, match="cannot write the run folder"):
         RunDir(tmp_path / "file" / "sub")
     (tmp_path / "empty").mkdir()
     RunDir(tmp_path / "empty").write_config({"a": 1})
@@ -34,6 +34,26 @@ def test_new_run_needs_a_new_or_empty_folder(tmp_path):
     hidden.mkdir()
     (hidden / ".config.json.abc.tmp").write_text("{")
     RunDir(hidden)
+
+
+def test_resume_needs_a_run_and_clears_what_a_killed_write_left(tmp_path, monkeypatch):
+    """--resume on a folder with no run (a mistyped --out) is refused instead of starting a new
+    run with default options; resuming removes the temporary files of atomic writes a SIGKILL
+    interrupted. A folder that cannot be written is refused before any work."""
+    with pytest.raises(UsageError, match="holds no run to continue"):
+        RunDir(tmp_path / "typo", resume=True)
+    assert not (tmp_path / "typo").exists()
+    run = RunDir(tmp_path / "run")
+    run.write_config({"epochs": 1})
+    (tmp_path / "run" / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    RunDir(tmp_path / "run", resume=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "env.json"]
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("glag.runs.tempfile.mkstemp", read_only)
+    with pytest.raises(UsageError, match="cannot write the run folder --out .*Permission denied"):
+        RunDir(tmp_path / "ro")
 
 
 def test_atomic_files_get_the_mode_of_the_umask(tmp_path):

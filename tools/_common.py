@@ -95,10 +95,20 @@ def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
     if not source:
         return
     try:
-        with open(source) as fh:
+        with open(source, encoding="utf-8") as fh:
             values = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         parser.error(f"cannot read {'--config ' if not quiet else ''}{source}: {exc}")
+    if not isinstance(values, dict):
+        parser.error(f"{source} holds a JSON {type(values).__name__}, not an object of option values "
+                     f"(as a run's config.json does)")
+    for action in parser._actions:  # argparse checks choices only for values given on the command line
+        if action.choices is None or action.dest not in values:
+            continue
+        given = values[action.dest]
+        for v in (given if isinstance(given, list) and action.nargs in ("+", "*") else [given]):
+            if v not in action.choices and not (v is None and action.default is None):
+                parser.error(f"{source}: {action.dest} {v!r} is not one of {', '.join(map(str, action.choices))}")
     dests = {a.dest for a in parser._actions}
     unknown = sorted(set(values) - dests - {"extra"})
     if unknown and not quiet:

@@ -31,7 +31,8 @@ COLUMNS = ("top1", "many", "medium", "few")
 
 
 def aggregate(out: Path, losses, seeds, methods, split: str = "test") -> dict:
-    """{row name: {column: (mean, std, n)}} from the finished runs under ``out``."""
+    """{row name: {column: (mean, std, n)}} from the finished runs under ``out``; std (ddof 1) is
+    None for a single run."""
     rows: dict[str, list[dict]] = {}
     for loss in losses:
         for seed in seeds:
@@ -46,14 +47,15 @@ def aggregate(out: Path, losses, seeds, methods, split: str = "test") -> dict:
         table[name] = {}
         for c in COLUMNS:
             v = np.array([r[c] for r in runs], dtype=float)
-            table[name][c] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
+            table[name][c] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None, len(v))
     return table
 
 
 def to_markdown(table: dict, title: str) -> str:
     lines = [title, "", "| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for name, cols in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s, _ in cols.values()) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{m:.2f} ± {'n/a' if s is None else f'{s:.2f}'}"
+                                                 for m, s, _ in cols.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -72,6 +74,13 @@ def main(argv=None) -> int:
     p.add_argument("--stage2-args", default="", help="extra options for every stage-two run, quoted")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
+    for name in ("seeds", "losses", "methods"):
+        values = getattr(args, name)
+        if len(set(values)) != len(values):
+            from glag.errors import UsageError
+
+            raise UsageError(f"--{name} {' '.join(map(str, values))}: a {name[:-1]} may appear once (each run "
+                             f"counts once in the mean and the spread)")
     out = Path(args.out)
     for loss in args.losses:
         for seed in args.seeds:

@@ -6,12 +6,16 @@
 It runs tools/train_stage1.py, tools/extract.py and tools/afg_train.py with their defaults
 (override any stage's options with --stage1-args / --stage2-args), in the folders
 <out>/stage1, <out>/feats.h5 and <out>/<method>, and prints one table: stage one and each
-stage-two method, top-1 and Many/Medium/Few on val and test. A stage whose output is already
-complete is not run again (delete it to redo it), so an interrupted pipeline resumes.
+stage-two method, top-1 and Many/Medium/Few on val and test. Every stage's options are checked
+before anything runs. A stage whose output is already complete is not run again, so an
+interrupted pipeline resumes; if its options have changed since, the pipeline stops and names
+them (delete the stage's folder, or choose another --out, to redo it). --stage1-args and
+--stage2-args may not set what the pipeline sets itself (--out, --seed, --loss, the data, ...).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -23,10 +27,14 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tools import afg_train, extract, train_stage1
-    from tools._common import cli_main, setup_logging
+    from tools._common import cli_main, config_from_args, parse_args_with_config, setup_logging
 else:
     from . import afg_train, extract, train_stage1
-    from ._common import cli_main, setup_logging
+    from ._common import cli_main, config_from_args, parse_args_with_config, setup_logging
+
+# flags the pipeline passes itself: --stage1-args / --stage2-args may not set them
+_MANAGED = {"stage1": ("--out", "--resume", "--seed", "--loss", "--dataset", "--data-root", "--config"),
+            "stage2": ("--out", "--resume", "--seed", "--method", "--features", "--config")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,20 +53,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _extra_args(args, stage: str) -> list[str]:
+    """``--stage1-args`` / ``--stage2-args`` as a list; a flag the pipeline sets itself is refused."""
+    from glag.errors import UsageError
+
+    text = getattr(args, f"{stage}_args")
+    try:
+        extra = shlex.split(text)
+    except ValueError as exc:  # an unbalanced quote
+        raise UsageError(f"--{stage}-args {text!r}: {exc}") from None
+    taken = [a for a in extra if a.split("=", 1)[0] in _MANAGED[stage]]
+    if taken:
+        raise UsageError(f"--{stage}-args may not set {', '.join(taken)}: the pipeline sets "
+                         f"{', '.join(_MANAGED[stage])} itself; use its own options (--out, --seed, --loss, "
+                         f"--dataset, --data-root, --stage2-methods)")
+    return extra
+
+
+def _config(tool, cls, argv: list[str], resolve: bool = False) -> dict:
+    """The options ``tool`` would run with for ``argv`` (checked: an out-of-range value is refused
+    here, before any stage runs), as its config.json would hold them."""
+    cfg = config_from_args(cls, parse_args_with_config(tool.build_parser(), argv))
+    return dataclasses.asdict(cfg.resolved() if resolve else cfg)
+
+
+def _finished(run: Path, options: dict, free) -> bool:
+    """Whether ``run`` is complete; if so, it must have been made with ``options`` (apart from
+    ``free`` ones): another value of any other option is refused, naming it."""
+    from glag.runs import check_resume_options
+
+    if not (run / "metrics.json").exists():
+        return False
+    check_resume_options(json.loads((run / "config.json").read_text()), options, run, free, warn=())
+    return True
+
+
 def main(argv=None) -> int:
+    from glag import stage1, stage2
+
     args = build_parser().parse_args(argv)
     setup_logging()
     out = Path(args.out)
     quiet = [] if args.progress else ["--no-progress"]
     data = ["--dataset", args.dataset] + (["--data-root", args.data_root] if args.data_root else [])
+    s1, feats = out / "stage1", out / "feats.h5"
+    s1_argv = ["--out", str(s1), "--loss", args.loss, "--seed", str(args.seed), *data, *quiet,
+               *_extra_args(args, "stage1")]
+    s2_extra = _extra_args(args, "stage2")
+    s2_argv = {m: ["--features", str(feats), "--out", str(out / m), "--method", m, "--seed", str(args.seed), *quiet,
+                   *s2_extra] for m in args.stage2_methods}
+    s1_options = _config(train_stage1, stage1.Stage1Config, s1_argv)
+    s2_options = {m: _config(afg_train, stage2.Stage2Config, a, resolve=True) for m, a in s2_argv.items()}
     t0 = time.time()
-    s1 = out / "stage1"
-    if not (s1 / "metrics.json").exists():
-        resume = ["--resume"] if (s1 / "config.json").exists() else []
-        train_stage1.main(["--out", str(s1), "--loss", args.loss, "--seed", str(args.seed), *data, *resume,
-                           *quiet, *shlex.split(args.stage1_args)])
+    if not _finished(s1, s1_options, stage1.RESUME_FREE_OPTIONS):
+        train_stage1.main(s1_argv + (["--resume"] if (s1 / "config.json").exists() else []))
     t1 = time.time()
-    feats = out / "feats.h5"
     if not feats.exists():
         extract.main(["--checkpoint", str(s1 / "best.pt"), "--out", str(feats), *quiet]
                      + (["--data-root", args.data_root] if args.data_root else []))
@@ -68,10 +117,8 @@ def main(argv=None) -> int:
     rows = {}
     for method in args.stage2_methods:
         run = out / method
-        if not (run / "metrics.json").exists():
-            resume = ["--resume"] if (run / "config.json").exists() else []
-            afg_train.main(["--features", str(feats), "--out", str(run), "--method", method, "--seed",
-                            str(args.seed), *resume, *quiet, *shlex.split(args.stage2_args)])
+        if not _finished(run, s2_options[method], stage2.RESUME_FREE_OPTIONS):
+            afg_train.main(s2_argv[method] + (["--resume"] if (run / "config.json").exists() else []))
         m = json.loads((run / "metrics.json").read_text())
         if not rows:
             rows.update({f"stage one ({args.loss}), {k}": v for k, v in m["stage1"].items()})

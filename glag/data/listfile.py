@@ -220,11 +220,13 @@ def build_list_dataset(root=None, imbalance_factor: float = 100.0, n_max: int = 
         DatasetNotFoundError: a list file or (``check_files``) an image is missing.
     """
     if train_list is None or test_list is None:
-        raise TypeError("the 'list' dataset needs train_list and test_list (val_list optional)")
+        raise UsageError("the 'list' dataset needs --train-list and --test-list (--val-list optional): "
+                         "files of 'relative/path label' lines (README, \"Data\")")
     if image_root is None:
         image_root = root
     if image_root is None and not os.environ.get("GLAG_DATA_ROOT"):
-        raise TypeError("the 'list' dataset needs image_root (or root / GLAG_DATA_ROOT)")
+        raise UsageError("the 'list' dataset needs --image-root (or --data-root / GLAG_DATA_ROOT): the folder "
+                         "the paths in the list files are relative to")
     img_root = resolve_root(image_root, ".")
     if not img_root.is_dir():
         raise DatasetNotFoundError(f"image root {img_root} is not a folder; pass image_root "
