@@ -13,3 +13,7 @@ class UsageError(ValueError):
 
 class RunExistsError(UsageError, FileExistsError):
     """``--out`` already holds a run (or other files) and ``--resume`` was not given."""
+
+
+class InputNotFoundError(UsageError, FileNotFoundError):
+    """A file the user named (a checkpoint, a feature file, ...) does not exist."""

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import build_dataset, iterate_batches
 from .data.base import shard_split
-from .errors import UsageError
+from .errors import InputNotFoundError, UsageError
 from .inference import iterate_outputs
 from .losses import SCHEDULES, StageOneLoss, log_prior
 from .metrics import format_table, summarize
@@ -204,8 +204,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a glag checkpoint safely (``weights_only=True``) and check that it is one of ours."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with tools/train_stage1.py "
-                                f"(it writes best.pt and last.pt into its --out folder)")
+        raise InputNotFoundError(f"checkpoint {path} does not exist; train one with tools/train_stage1.py "
+                                 f"(it writes best.pt and last.pt into its --out folder)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a corrupt file
