@@ -6,6 +6,7 @@ tests the pieces in one process (rank sharding of batches and splits, the shard 
 float16 feature storage through a real extraction (half the feature bytes, read back as float32).
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,8 +247,13 @@ def test_sharded_extraction_sigkill_resumes(ddp_run, tmp_path):
     big = tmp_path / "big"
     make_fake_fmnist(big, train_per_class=40, test_per_class=40)
     merged = tmp_path / "feats.h5"
-    args = ("--checkpoint", out / "best.pt", "--out", merged, "--batch-size", 8, "--no-progress", "--data-root", big)
-    # out's checkpoint names the small data's class counts; the big fake has the same train draw
+    # out's checkpoint names the small data's class counts; the big fake has the same train draw but
+    # more test images, which extraction refuses against the run's indices.npz: a copy of the
+    # checkpoint outside its run folder is not checked (a warning), and has more rows to kill in
+    ckpt = tmp_path / "moved" / "best.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(out / "best.pt", ckpt)
+    args = ("--checkpoint", ckpt, "--out", merged, "--batch-size", 8, "--no-progress", "--data-root", big)
     proc = torchrun("extract", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partials = [merged.with_name(shard_path(merged, r, 2).name + ".partial") for r in range(2)]
     deadline = time.time() + 120  # both shards past creation, with rows written
@@ -256,5 +262,5 @@ def test_sharded_extraction_sigkill_resumes(ddp_run, tmp_path):
     kill_tree(proc)
     assert proc.returncode != 0 and not merged.exists() and all(p.exists() for p in partials)
     torchrun("extract", *args)
-    single = extract_features(out / "best.pt", tmp_path / "single.h5", batch_size=8, data_root=big, progress=False)
+    single = extract_features(ckpt, tmp_path / "single.h5", batch_size=8, data_root=big, progress=False)
     assert_same_h5(merged, single)
