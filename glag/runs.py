@@ -67,13 +67,14 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
 
 
-def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epochs",)) -> None:
+def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epochs",), fix: str | None = None) -> None:
     """Refuse to resume the run at ``where`` with options that change what it computes.
 
     saved: the options the run was started with (its checkpoint's or config.json); current:
     this command's. Options in ``free`` (paths, threads, progress: how, not what) may differ;
     so may those in ``warn`` (``--epochs``: continue a run to a new length), with a warning that
     the result is then not the uninterrupted run's. An option missing on either side is not compared.
+    ``fix``: the message's last sentence, what to do instead (default: for ``--resume``).
 
     Raises:
         UsageError: naming each option that differs, with both values, and the fix.
@@ -89,8 +90,9 @@ def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epoc
     diff = [k for k in diff if k not in warn]
     if diff:
         details = "; ".join(f"--{k.replace('_', '-')}: {saved[k]!r} in the run, {current[k]!r} now" for k in diff)
-        raise UsageError(f"{where} was started with other options ({details}). Resume with the run's own options "
-                         f"(--resume alone reads them from the run's config.json) or choose another --out")
+        raise UsageError(f"{where} was started with other options ({details}). " + (
+            fix or "Resume with the run's own options (--resume alone reads them from the run's config.json) or "
+                   "choose another --out"))
 
 
 def continue_epochs(run: "RunDir", epochs: int, done: int, write: bool = True) -> None:

@@ -84,7 +84,9 @@ def _finished(run: Path, options: dict, free) -> bool:
 
     if not (run / "metrics.json").exists():
         return False
-    check_resume_options(json.loads((run / "config.json").read_text()), options, run, free, warn=())
+    check_resume_options(json.loads((run / "config.json").read_text()), options, run, free, warn=(),
+                         fix=f"Run the pipeline with the options it was run with, or delete {run} (or choose "
+                             f"another --out) to redo that stage")
     return True
 
 
