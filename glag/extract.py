@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import numbers
 import os
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from .data.base import shard_split
 from .errors import UsageError
 from .features import FeatureFileError, FeatureWriter, open_features, sha256_file
 from .inference import iterate_outputs
+from .options import check_ranges
 from .stage1 import (Stage1Config, check_same_samples, dataset_from_config, load_checkpoint,
                      model_from_checkpoint)
 
@@ -95,10 +95,7 @@ def extract_features(checkpoint, out, *, batch_size: int = 512, dtype: str = "fl
     """
     checkpoint, out = Path(checkpoint), Path(out)
     # refused before anything is read or created, on every process alike
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
-        raise UsageError(f"--num-workers must be 0 or more, got {num_workers}")
+    check_ranges({"batch_size": batch_size, "num_workers": num_workers}, int_min={"batch_size": 1, "num_workers": 0})
     if out.is_dir():  # even with overwrite: the finished file could never be renamed onto it
         raise FeatureFileError(f"{out}: is a folder; --out is the feature file to write. Give a file name, "
                                f"e.g. --out {out / 'feats.h5'}")

@@ -376,10 +376,10 @@ def check_inputs(ff, cfg: Stage2Config) -> None:
 def open_stage2_data(cfg: Stage2Config, saved: dict | None = None):
     """The data of a stage-two run: in memory, or streamed when it exceeds ``cfg.max_memory``
     (:func:`glag.streaming.choose_data_path`); the choice and its reason are logged. ``saved``:
-    the config.json of the run being resumed, whose data path and streaming plan are kept."""
+    the config.json of the run being resumed, whose data path and streaming plan are kept. The
+    file has passed :func:`check_inputs` (:func:`train_stage2` checks it before any folder exists)."""
     ff = open_features(cfg.features)
     try:
-        check_inputs(ff, cfg)
         choice = streaming.choose_data_path(ff, cfg, saved)
         log.info("stage two data path: %s: %s", "streaming" if choice.stream else "in memory", choice.reason)
         fingerprint = ff.fingerprint()  # what a resumed run checks it is given again

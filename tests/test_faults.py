@@ -414,9 +414,9 @@ def test_extraction_refuses_bad_options_before_any_work(tiny_run, tmp_path, monk
         raise AssertionError("the extraction started before refusing its options")
     monkeypatch.setattr(extract_mod, "load_checkpoint", no_work)
     out = tmp_path / "feats.h5"
-    for kw, match in (({"batch_size": 0}, "--batch-size must be a positive integer, got 0"),
-                      ({"batch_size": -8}, "--batch-size must be a positive integer, got -8"),
-                      ({"num_workers": -1}, "--num-workers must be 0 or more, got -1")):
+    for kw, match in (({"batch_size": 0}, "--batch-size must be an integer >= 1, got 0"),
+                      ({"batch_size": -8}, "--batch-size must be an integer >= 1, got -8"),
+                      ({"num_workers": -1}, "--num-workers must be an integer >= 0, got -1")):
         with pytest.raises(UsageError, match=match):
             extract_features(run / "best.pt", out, progress=False, **kw)
     folder = tmp_path / "outdir"
