@@ -246,13 +246,13 @@ extern "C" __global__ void glag_plan_rows(const long long* __restrict__ support,
 }
 
 // ---------------------------------------------------------------- the slot GEMM
-// A slot GEMM block's tile (tiles[blockIdx.x] = class j, begin, end over rows): the offset and rank
-// of F_j, the tile's length, and in shared memory each row's sample id, seed row and sqrt(w) (-1,
+// A slot GEMM block's tile (tiles[blockIdx.x] = class j, begin, end over rows): j, the offset and
+// rank of F_j, the tile's length, and in shared memory each row's sample id, seed row and sqrt(w) (-1,
 // 0 and 0 past the tile). The grid has more blocks than tiles (its size is a bound, so the host
 // never waits for the device): a block whose tile is empty gets tlen = 0 at once, before any
 // barrier, and returns; otherwise the set-up ends with __syncthreads().
 struct glag_tile {
-    long long off;
+    long long cls, off;
     int r, tlen;
 };
 
@@ -268,6 +268,7 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
     const long long t0 = tile[1];
     glag_tile t;
     t.tlen = (int)(tile[2] - t0);
+    t.cls = cls;
     t.off = 0;
     t.r = 0;
     if (t.tlen <= 0) return t;  // the same for every thread of the block
@@ -289,6 +290,98 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
     return t;
 }
 
+// ---------------------------------------------------------------- pieces both slot GEMMs share
+// The 4 normals of Philox block cb / 4 of factor `slot` for sample s, times `scale`, zero past r
+// and zero for a padding row (s < 0). Always drawn, then masked: with no branch a K step is one
+// basic block and the compiler interleaves the RNG's work with the multiply (3 % faster on an
+// H200 than drawing under a branch; the same bits).
+__device__ __forceinline__ void glag_draw4(long long s, int slot, int cb, int r, float scale, unsigned int k0,
+                                           unsigned int k1, float* z) {
+    glag_block_normals((unsigned int)s, (unsigned int)slot, (unsigned int)(cb >> 2), k0, k1, z);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) z[q] = (s >= 0 && cb + q < r) ? scale * z[q] : 0.0f;
+}
+
+// The K loop of a slot GEMM over r components, BK a step, two shared-memory stages and one
+// barrier a step: step t multiplies stage t % 2 while this thread's loads of F_j^T for step t + 1
+// are in flight (into registers); then it draws step t + 1's normals and stores both into the
+// other stage (after the last step, the other stage gets zeros). load_b(c0), draw_a(c0) fill the
+// thread's registers for the step at c0; stage(buf) stores them; multiply(buf) consumes a stage.
+template <int BK, class LoadB, class DrawA, class Stage, class Multiply>
+__device__ __forceinline__ void glag_k_steps(int r, LoadB load_b, DrawA draw_a, Stage stage, Multiply multiply) {
+    load_b(0);
+    draw_a(0);
+    stage(0);
+    __syncthreads();
+    int buf = 0;
+    for (int c0 = 0; c0 < r; c0 += BK) {
+        load_b(c0 + BK);  // in flight during the multiply
+        multiply(buf);
+        draw_a(c0 + BK);
+        stage(buf ^ 1);
+        __syncthreads();
+        buf ^= 1;
+    }
+}
+
+// sqrt(alpha) z0 of sample s: the dispersion noise of mode "all" (one normal for the whole row).
+__device__ __forceinline__ float glag_noise_all(long long s, unsigned int k0, unsigned int k1, float sqrt_alpha) {
+    float z[4];
+    glag_block_normals((unsigned int)s, GLAG_DISPERSION_STREAM, 0u, k0, k1, z);
+    return __fmul_rn(sqrt_alpha, z[0]);  // _rn: never fused into the add of the epilogue
+}
+
+// The epilogue of 4 columns n..n+3 of sample s (one Philox block of the dispersion noise):
+// slot 0 (first) writes x = (mu' + e) + p, the later slots x += p. e = e_all in every column, or
+// (noise_diag) sqrt(alpha) times normals of block (s, dispersion, n / 4). vec: float4 moves
+// (16-byte aligned rows, n + 4 <= d); else one column at a time, up to d.
+//   xr, mr: the rows of x and mu'; p: 4 floats, the product.
+__device__ __forceinline__ void glag_store4(float* __restrict__ xr, const float* __restrict__ mr, long long s, int n,
+                                            int d, bool first, int vec, bool noise_diag, float e_all,
+                                            float sqrt_alpha, unsigned int k0, unsigned int k1, const float* p) {
+    float base[4];
+    if (first) {
+        float e[4] = {e_all, e_all, e_all, e_all};
+        if (noise_diag) {
+            glag_block_normals((unsigned int)s, GLAG_DISPERSION_STREAM, (unsigned int)(n >> 2), k0, k1, e);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) e[q] = __fmul_rn(sqrt_alpha, e[q]);
+        }
+        if (vec) {
+            const float4 m4 = *reinterpret_cast<const float4*>(mr + n);
+            base[0] = m4.x + e[0];
+            base[1] = m4.y + e[1];
+            base[2] = m4.z + e[2];
+            base[3] = m4.w + e[3];
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) base[q] = n + q < d ? mr[n + q] + e[q] : 0.0f;
+        }
+    } else if (vec) {
+        const float4 x4 = *reinterpret_cast<const float4*>(xr + n);
+        base[0] = x4.x;
+        base[1] = x4.y;
+        base[2] = x4.z;
+        base[3] = x4.w;
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) base[q] = n + q < d ? xr[n + q] : 0.0f;
+    }
+    if (vec) {
+        float4 o;
+        o.x = base[0] + p[0];
+        o.y = base[1] + p[1];
+        o.z = base[2] + p[2];
+        o.w = base[3] + p[3];
+        *reinterpret_cast<float4*>(xr + n) = o;
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            if (n + q < d) xr[n + q] = base[q] + p[q];
+    }
+}
+
+// ---------------------------------------------------------------- the float32 (FMA) slot GEMM
 // One slot: x[rows[t], :] (+)= sqrt(w[row_seed[t], slot]) * F_j z for the tiles of this slot.
 // Slot 0 writes x = (mu'[row_seed[t]] + e) + product, so x needs no other pass; the later slots
 // add their product to x.
@@ -303,10 +396,8 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
 // columns n0 + 64 v + 4 tx + {0..3}, v < BN / 64 (conflict-free float4 reads of shared memory;
 // each thread's 4 columns are one Philox block of the dispersion noise).
 // Per K step, thread (g_row = tid / (BK / 4), g_blk = tid % (BK / 4)) draws the 4 normals of Philox
-// block (c0 / 4 + g_blk) of its row: one Philox call per thread per step.
-// Two shared-memory stages, one barrier a step: step t multiplies stage t % 2 while this thread's
-// loads of F_j^T for step t + 1 are in flight (into registers); then it draws step t + 1's
-// normals and stores both into the other stage.
+// block (c0 / 4 + g_blk) of its row, times sqrt(w): one Philox call per thread per step, stored
+// in A^T (shared); B holds F_j^T's rows of the step (glag_k_steps).
 template <int BM, int BN, int BK, int NT>
 __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, const long long* __restrict__ offsets,
                                                const long long* __restrict__ rows,
@@ -329,7 +420,6 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
     const int tx = tid & 15, ty = tid >> 4;
     const glag_tile tl = glag_tile_setup(offsets, rows, row_seed, tiles, weights, k, slot, BM, row_s, seed_s, scale_s);
     if (tl.tlen <= 0) return;
-    const long long off = tl.off;
     const int r = tl.r, tlen = tl.tlen;
     const int n0 = blockIdx.y * BN;
 
@@ -355,22 +445,13 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         bool b_col_in[CP];
 #pragma unroll
         for (int q = 0; q < CP; ++q) b_col_in[q] = n0 + b_nn + NT * q < d;
-        const float* b_base = ft + (off + b_kk) * (long long)d + n0 + b_nn;
-        auto b_in = [&](int c0, int p) { return b_col_in[p % CP] && c0 + b_kk + RP * (p / CP) < r; };
-        auto b_at = [&](int c0, int p) { return b_base + (long long)(c0 + RP * (p / CP)) * d + NT * (p % CP); };
+        const float* b_base = ft + (tl.off + b_kk) * (long long)d + n0 + b_nn;
         auto load_b = [&](int c0) {
 #pragma unroll
-            for (int p = 0; p < NB; ++p) bq[p] = b_in(c0, p) ? *b_at(c0, p) : 0.0f;
-        };
-        // A: normals straight from the RNG, zero past r and past the tile. Always drawn, then
-        // masked (also in the last step, for nothing): with no branch the step is one basic
-        // block, and the compiler interleaves the RNG's work with the multiply's FMAs (3 % faster
-        // on an H200 than drawing under a branch; the same bits)
-        auto draw_a = [&](int c0) {
-            const int cb = c0 + 4 * g_blk;
-            glag_block_normals((unsigned int)g_s, (unsigned int)slot, (unsigned int)(cb >> 2), k0, k1, z);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) z[q] = (g_s >= 0 && cb + q < r) ? g_scale * z[q] : 0.0f;
+            for (int p = 0; p < NB; ++p)
+                bq[p] = b_col_in[p % CP] && c0 + b_kk + RP * (p / CP) < r
+                            ? *(b_base + (long long)(c0 + RP * (p / CP)) * d + NT * (p % CP))
+                            : 0.0f;
         };
         auto stage = [&](int buf) {
 #pragma unroll
@@ -405,24 +486,13 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
                     for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
             }
         };
-
-        load_b(0);
-        draw_a(0);
-        stage(0);
-        __syncthreads();
-        int buf = 0;
-        for (int c0 = 0; c0 < r; c0 += BK) {  // after the last step, the other stage gets zeros
-            load_b(c0 + BK);  // in flight during the multiply
-            multiply(buf);
-            draw_a(c0 + BK);
-            stage(buf ^ 1);
-            __syncthreads();
-            buf ^= 1;
-        }
+        glag_k_steps<BK>(
+            r, load_b, [&](int c0) { glag_draw4(g_s, slot, c0 + 4 * g_blk, r, g_scale, k0, k1, z); }, stage, multiply);
     }
 
     // x = (mu' + e) + product in slot 0, x += product after; 4 columns (one Philox block) at a time
     const bool first = slot == 0;
+    const bool noise_diag = first && sqrt_alpha > 0.0f && diag;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int row = ty * TM + i;
@@ -430,56 +500,208 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
         const long long s = row_s[row];
         float* xr = x + s * (long long)d;
         const float* mr = mu + seed_s[row] * (long long)d;
-        float e_all = 0.0f;  // mode "all": one normal for the whole row
-        if (first && sqrt_alpha > 0.0f && !diag) {
-            float z[4];
-            glag_block_normals((unsigned int)s, GLAG_DISPERSION_STREAM, 0u, k0, k1, z);
-            e_all = __fmul_rn(sqrt_alpha, z[0]);  // _rn: never fused into the add below
-        }
+        const float e_all = first && sqrt_alpha > 0.0f && !diag ? glag_noise_all(s, k0, k1, sqrt_alpha) : 0.0f;
 #pragma unroll
         for (int v = 0; v < NV; ++v) {
             const int n = n0 + 64 * v + 4 * tx;
             if (n >= d) continue;
-            float base[4];
-            if (first) {
-                float e[4] = {e_all, e_all, e_all, e_all};
-                if (sqrt_alpha > 0.0f && diag) {
-                    glag_block_normals((unsigned int)s, GLAG_DISPERSION_STREAM, (unsigned int)(n >> 2), k0, k1, e);
+            glag_store4(xr, mr, s, n, d, first, vec, noise_diag, e_all, sqrt_alpha, k0, k1, &acc[i][4 * v]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the tensor-core slot GEMM (sm_80 and later)
+// The same product on tensor cores, mma.sync m16n8k16 with float16 inputs and float32
+// accumulation, to float32 accuracy: every operand v is split as v = hi + lo + O(2^-22 |v|),
+// hi = fp16(v), lo = fp16(v - hi) (v - hi is exact in float32), and a b is computed as
+// a_lo b_hi + a_hi b_lo + a_hi b_hi (the dropped a_lo b_lo is 2^-22 of a b). Three MMAs a
+// 16-component step go into a fresh fragment that is then added to the float32 accumulators,
+// so the tensor cores' own sums never run over more than 48 products.
+// Range: float16 has full precision from 2^-14 to 65504, so the kernel multiplies
+//   A = 2^10 z                (|z| < 6.8 from Box-Muller: |A| < 7000), and
+//   B = s_j F_j^T             (bscale[j] = s_j, a power of two putting max |F_j| in [2^13, 2^14),
+//                              from glag/kernels/cuda.py class_scales),
+// and the epilogue multiplies the product by sqrt(w) 2^-10 / s_j. Powers of two scale exactly.
+// The operands are split once, when staged: shared memory holds, for every row of A and column
+// of B and every group q of 4 components (one Philox block of the normals), 16 bytes
+// (hi c0 c1, hi c2 c3, lo c0 c1, lo c2 c3) as float16 pairs. The MMA's k index is a permutation
+// of the step's 16 components, the same for A and B: lane (g, t) holds group t, components
+// 4t .. 4t+3, as k = 2t, 2t+1 (a0/a1, b0) and 2t+8, 2t+9 (a2/a3, b1) of the PTX fragment layout,
+// so each fragment is one 16-byte shared load a row or column. B's groups are stored XOR-swizzled
+// (group q of column c at q ^ ((c >> 1) & 3)): both the stores (a thread a column) and the
+// fragment loads are then free of bank conflicts.
+// Block: 64 x 256 tile (the 64 x 256 FMA kernel's plan and tiles), K steps of 16, 8 warps as
+// 2 x 4, a warp 32 rows x 64 columns (2 x 8 MMA tiles of 16 x 8). Same RNG calls, staging threads
+// and K loop as the FMA kernel (glag_draw4, glag_k_steps). The epilogue exchanges half of each
+// MMA tile with the neighbouring lane (t ^ 1) so that every lane holds 4 consecutive columns of
+// one row, then stores them as the FMA kernel does (glag_store4).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define GLAG_HAS_MMA 1
+#endif
+// The CPU tests' shim defines GLAG_WARP_EMULATED and these four functions itself.
+#ifndef GLAG_WARP_EMULATED
+// float32 -> float16 bits, nearest even (0 below sm_80, where this kernel is never launched).
+__device__ __forceinline__ unsigned short glag_half(float v) {
+    unsigned short h = 0;
+#ifdef GLAG_HAS_MMA
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
+    return h;
+}
+
+__device__ __forceinline__ float glag_half_float(unsigned short h) {
+    float v = 0.0f;
+#ifdef GLAG_HAS_MMA
+    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+#endif
+    return v;
+}
+
+// d (16 x 8 fragment, float32) += a (16 x 16, row, float16 pairs) b (16 x 8, col, float16 pairs).
+__device__ __forceinline__ void glag_mma_f16(float* d, const unsigned int* a, const unsigned int* b) {
+#ifdef GLAG_HAS_MMA
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ float glag_shfl_xor(float v, int lane_mask) {
+    return __shfl_xor_sync(0xFFFFFFFFu, v, lane_mask);
+}
+#endif
+
+// (v0, v1) -> hi = (fp16(v0), fp16(v1)), lo = (fp16(v0 - hi0), fp16(v1 - hi1)), v0 in the low half.
+__device__ __forceinline__ void glag_split2(float v0, float v1, unsigned int* hi, unsigned int* lo) {
+    const unsigned short h0 = glag_half(v0), h1 = glag_half(v1);
+    const unsigned short l0 = glag_half(v0 - glag_half_float(h0)), l1 = glag_half(v1 - glag_half_float(h1));
+    *hi = (unsigned int)h0 | ((unsigned int)h1 << 16);
+    *lo = (unsigned int)l0 | ((unsigned int)l1 << 16);
+}
+
+// 4 components (one group) of a row of A or a column of B, split: (hi c0 c1, hi c2 c3, lo c0 c1, lo c2 c3).
+__device__ __forceinline__ uint4 glag_split4(float v0, float v1, float v2, float v3) {
+    uint4 o;
+    glag_split2(v0, v1, &o.x, &o.z);
+    glag_split2(v2, v3, &o.y, &o.w);
+    return o;
+}
+
+//   bscale: (C,) float32, s_j (see above); the other arguments as in glag_slot_gemm.
+__device__ __forceinline__ void glag_slot_gemm_tc(const float* __restrict__ ft, const long long* __restrict__ offsets,
+                                                  const long long* __restrict__ rows,
+                                                  const long long* __restrict__ row_seed,
+                                                  const long long* __restrict__ tiles,
+                                                  const float* __restrict__ weights, const float* __restrict__ mu,
+                                                  int k, int slot, int d, unsigned int k0, unsigned int k1,
+                                                  float sqrt_alpha, int diag, int vec, float* __restrict__ x,
+                                                  const float* __restrict__ bscale) {
+    constexpr int BM = 64, BN = 256, BK = 16, NT = 256, MT = 2, NTL = 8;  // MT x NTL MMA tiles a warp
+    constexpr float A_SCALE = 1024.0f, A_UNSCALE = 1.0f / 1024.0f;
+    // A: 16-byte fragments, hi and lo planes: row r = 16 i + 8 h + gg, group q -> fragment (8 i + gg) * 4 + q,
+    // word 2 (c0 c1 or c2 c3) + h, so that the load of a lane is its a0..a3 in register order.
+    __shared__ __align__(16) uint4 a_s[2][2][BM * 4 / 2];  // [stage][hi, lo][fragment]
+    __shared__ __align__(16) unsigned int b_s[2][BN * 16];  // column c, group q: 16 c + 4 (q ^ ((c >> 1) & 3)) ..
+    __shared__ long long row_s[BM], seed_s[BM];
+    __shared__ float scale_s[BM];
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, g = lane >> 2, t = lane & 3;  // fragment row group and column pair
+    const int wm = (tid >> 5) & 1, wn = tid >> 6;            // warp: rows 32 wm.., columns 64 wn..
+    const glag_tile tl = glag_tile_setup(offsets, rows, row_seed, tiles, weights, k, slot, BM, row_s, seed_s, scale_s);
+    if (tl.tlen <= 0) return;
+    const int r = tl.r;
+    const int n0 = blockIdx.y * BN;
+    const float bs = bscale[tl.cls];
+
+    float acc[MT][NTL][4];
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) e[q] = __fmul_rn(sqrt_alpha, e[q]);
-                }
-                if (vec) {
-                    const float4 m4 = *reinterpret_cast<const float4*>(mr + n);
-                    base[0] = m4.x + e[0];
-                    base[1] = m4.y + e[1];
-                    base[2] = m4.z + e[2];
-                    base[3] = m4.w + e[3];
-                } else {
+    for (int i = 0; i < MT; ++i)
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) base[q] = n + q < d ? mr[n + q] + e[q] : 0.0f;
-                }
-            } else if (vec) {
-                const float4 x4 = *reinterpret_cast<const float4*>(xr + n);
-                base[0] = x4.x;
-                base[1] = x4.y;
-                base[2] = x4.z;
-                base[3] = x4.w;
-            } else {
+        for (int j = 0; j < NTL; ++j)
 #pragma unroll
-                for (int q = 0; q < 4; ++q) base[q] = n + q < d ? xr[n + q] : 0.0f;
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+    if (r > 0) {  // the same for the whole block
+        const int g_row = tid >> 2, g_blk = tid & 3;  // as the FMA kernel: one Philox block a step
+        const long long g_s = row_s[g_row];
+        float z[4];    // this thread's normals of the step being staged, times 2^10
+        float bq[BK];  // F_j^T rows c0..c0+15 of column n0 + tid, this thread's column of B
+        const bool b_col_in = n0 + tid < d;
+        const float* b_base = ft + tl.off * (long long)d + n0 + tid;
+        auto load_b = [&](int c0) {
+            const float* bp = b_base + (long long)c0 * d;
+#pragma unroll
+            for (int p = 0; p < BK; ++p, bp += d) bq[p] = b_col_in && c0 + p < r ? *bp : 0.0f;
+        };
+        // this thread's group g_blk of row g_row: fragment (8 (g_row / 16) + g_row % 8) * 4 + g_blk, half g_row / 8 % 2
+        unsigned int* const a_frag = &a_s[0][0][(8 * (g_row >> 4) + (g_row & 7)) * 4 + g_blk].x + ((g_row >> 3) & 1);
+        constexpr int A_PLANE = BM * 4 / 2 * 4, A_STAGE = 2 * A_PLANE;  // words
+        auto stage = [&](int buf) {
+            const uint4 a = glag_split4(z[0], z[1], z[2], z[3]);
+            unsigned int* af = a_frag + buf * A_STAGE;
+            af[0] = a.x;  // hi c0 c1 -> a0 (row g) or a1 (row g + 8)
+            af[2] = a.y;  // hi c2 c3 -> a2 or a3
+            af[A_PLANE] = a.z;  // the same in the lo plane
+            af[A_PLANE + 2] = a.w;
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                *reinterpret_cast<uint4*>(&b_s[buf][16 * tid + 4 * (q ^ ((tid >> 1) & 3))]) =
+                    glag_split4(bs * bq[4 * q], bs * bq[4 * q + 1], bs * bq[4 * q + 2], bs * bq[4 * q + 3]);
+        };
+        auto multiply = [&](int buf) {
+            uint4 ah[MT], al[MT];  // fragment a0..a3: (g, k 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const int f = (8 * (2 * wm + i) + g) * 4 + t;
+                ah[i] = a_s[buf][0][f];
+                al[i] = a_s[buf][1][f];
             }
-            if (vec) {
-                float4 o;
-                o.x = base[0] + acc[i][4 * v];
-                o.y = base[1] + acc[i][4 * v + 1];
-                o.z = base[2] + acc[i][4 * v + 2];
-                o.w = base[3] + acc[i][4 * v + 3];
-                *reinterpret_cast<float4*>(xr + n) = o;
-            } else {
 #pragma unroll
-                for (int q = 0; q < 4; ++q)
-                    if (n + q < d) xr[n + q] = base[q] + acc[i][4 * v + q];
+            for (int j = 0; j < NTL; ++j) {
+                const int col = 64 * wn + 8 * j + g;  // fragment b0, b1: (k 2t.., col g), (k 2t + 8.., col g)
+                const uint4 q = *reinterpret_cast<const uint4*>(&b_s[buf][16 * col + 4 * (t ^ ((col >> 1) & 3))]);
+                const unsigned int bh[2] = {q.x, q.y}, bl[2] = {q.z, q.w};
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    glag_mma_f16(part, &al[i].x, bh);
+                    glag_mma_f16(part, &ah[i].x, bl);
+                    glag_mma_f16(part, &ah[i].x, bh);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[i][j][e] += part[e];
+                }
             }
+        };
+        glag_k_steps<BK>(
+            r, load_b, [&](int c0) { glag_draw4(g_s, slot, c0 + 4 * g_blk, r, A_SCALE, k0, k1, z); }, stage, multiply);
+    }
+
+    // MMA tile (i, j) of this lane: rows 32 wm + 16 i + g (acc 0, 1) and + 8 (acc 2, 3), columns
+    // 2t, 2t + 1 of the tile's 8. Lanes t and t ^ 1 swap halves: the even lane keeps row g, columns
+    // 2t .. 2t + 3, the odd lane row g + 8, columns 2t - 2 .. 2t + 1: one Philox block each.
+    const bool first = slot == 0;
+    const bool noise_diag = first && sqrt_alpha > 0.0f && diag;
+    const bool odd = t & 1;
+    const float unscale = A_UNSCALE / bs;
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        const int row = 32 * wm + 16 * i + g + (odd ? 8 : 0);
+        const bool live = row < tl.tlen;
+        const long long s = row_s[row];
+        const float f = scale_s[row] * unscale;  // sqrt(w) 2^-10 / s_j
+        const float e_all = live && first && sqrt_alpha > 0.0f && !diag ? glag_noise_all(s, k0, k1, sqrt_alpha) : 0.0f;
+#pragma unroll
+        for (int j = 0; j < NTL; ++j) {
+            const float* a = acc[i][j];
+            const float got0 = glag_shfl_xor(odd ? a[0] : a[2], 1);  // every lane, before any skip
+            const float got1 = glag_shfl_xor(odd ? a[1] : a[3], 1);
+            const float p[4] = {f * (odd ? got0 : a[0]), f * (odd ? got1 : a[1]), f * (odd ? a[2] : got0),
+                                f * (odd ? a[3] : got1)};
+            const int n = n0 + 64 * wn + 8 * j + 4 * (t >> 1);
+            if (!live || n >= d) continue;
+            glag_store4(x + s * (long long)d, mu + seed_s[row] * (long long)d, s, n, d, first, vec, noise_diag, e_all,
+                        sqrt_alpha, k0, k1, p);
         }
     }
 }
@@ -501,6 +723,8 @@ __device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, con
 //                reloads and moves in its K loop).
 //   bn256_t128:  64 x 256, BK 8, 128 threads, d >= 256; 8 x 16 outputs a thread as bm128_bn256,
 //                in two blocks an SM, over bn256's 64-row tiles.
+//   tc_bn256:    64 x 256 on tensor cores (float16 pieces, float32 accuracy; sm_80 and later),
+//                the tiles and plan of bn256; one more argument, bscale.
 // No spills with NVRTC for sm_80 and sm_90.
 extern "C" __global__ void __launch_bounds__(256, 2) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
     glag_slot_gemm<64, 256, 16, 256>(GLAG_SLOT_GEMM_CALL);
@@ -516,6 +740,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) glag_slot_gemm_bm128_bn256(
 
 extern "C" __global__ void __launch_bounds__(128, 2) glag_slot_gemm_bn256_t128(GLAG_SLOT_GEMM_ARGS) {
     glag_slot_gemm<64, 256, 8, 128>(GLAG_SLOT_GEMM_CALL);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) glag_slot_gemm_tc_bn256(GLAG_SLOT_GEMM_ARGS,
+                                                                            const float* __restrict__ bscale) {
+    glag_slot_gemm_tc(GLAG_SLOT_GEMM_CALL, bscale);
 }
 
 // Test hook: the normals of blocks (samples[i], stream, blocks[i], 0) -> out[i, 0..3].

@@ -36,40 +36,85 @@ ENV_TILE = "GLAG_CUDA_TILE"
 
 
 class SlotGemm(NamedTuple):
-    """A slot-GEMM kernel of calibrated_sampler.cu, its block tile (BM samples x BN columns) and
-    the threads of its block (exactly these)."""
+    """A slot-GEMM kernel of calibrated_sampler.cu, its block tile (BM samples x BN columns), the
+    threads of its block (exactly these), and whether it runs on tensor cores (then it takes one
+    more argument, :func:`class_scales`, and needs compute capability 8.0)."""
     kernel: str
     bm: int
     bn: int
     threads: int
+    tensor_cores: bool = False
 
 
 # d >= 256: "64x256" (256 threads, 4 x 16 outputs a thread, two blocks an SM under a 128-register
-# cap) is the shape timed on H100/H200 so far. The candidates, 8 x 16 outputs a thread and no
-# register cap, about 13 % fewer instructions a K step in their SASS, chosen with GLAG_CUDA_TILE
-# until a GPU has timed them: "128x256" (256 threads, one block an SM) and "64x256t128" (128
-# threads, two blocks an SM, the 64-row tiles of the default).
+# cap) is the shape timed on H100/H200 so far. The candidates, chosen with GLAG_CUDA_TILE until a
+# GPU has timed them:
+#   "128x256" (256 threads, one block an SM) and "64x256t128" (128 threads, two blocks an SM, the
+#   64-row tiles of the default): 8 x 16 outputs a thread and no register cap, about 13 % fewer
+#   instructions a K step in their SASS; the same samples bit for bit;
+#   "64x256tc": the default's tiles on tensor cores (mma.sync, float16 pieces, three products a
+#   product: float32 accuracy, not the same bits), 601 instructions a thread a K step in its SASS
+#   against the default's 1,637.
 WIDE_SHAPES = {"64x256": SlotGemm("glag_slot_gemm_bn256", 64, 256, 256),
                "128x256": SlotGemm("glag_slot_gemm_bm128_bn256", 128, 256, 256),
-               "64x256t128": SlotGemm("glag_slot_gemm_bn256_t128", 64, 256, 128)}
+               "64x256t128": SlotGemm("glag_slot_gemm_bn256_t128", 64, 256, 128),
+               "64x256tc": SlotGemm("glag_slot_gemm_tc_bn256", 64, 256, 256, tensor_cores=True)}
 NARROW_SHAPE = SlotGemm("glag_slot_gemm_bn64", 64, 64, 256)  # d < 256
 DEFAULT_WIDE = "64x256"
 KERNELS = ("glag_plan_count", "glag_plan_tiles", "glag_plan_rows", NARROW_SHAPE.kernel,
            *(s.kernel for s in WIDE_SHAPES.values()), "glag_block_normals_kernel")
 
-__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "slot_gemm_shape", "tile_bound", "SOURCE"]
+__all__ = ["is_available", "sample_cuda", "block_normals_cuda", "slot_gemm_shape", "class_scales", "tile_bound",
+           "SOURCE"]
 
 
-def slot_gemm_shape(d: int, tile: str | None = None) -> SlotGemm:
+def slot_gemm_shape(d: int, tile: str | None = None, capability: tuple[int, int] | None = None) -> SlotGemm:
     """The slot GEMM for feature dimension d: 64 x 64 below d = 256, else ``tile`` (one of
-    :data:`WIDE_SHAPES`), else ``$GLAG_CUDA_TILE``, else :data:`DEFAULT_WIDE`."""
+    :data:`WIDE_SHAPES`), else ``$GLAG_CUDA_TILE``, else :data:`DEFAULT_WIDE`. ``capability``: the
+    GPU's (major, minor); a tensor-core shape below 8.0 is an error."""
     if d < 256:
         return NARROW_SHAPE
     name = tile or os.environ.get(ENV_TILE) or DEFAULT_WIDE
+    source = "the tile argument" if tile else ENV_TILE
     if name not in WIDE_SHAPES:
-        raise ValueError(f"unknown CUDA tile shape {name!r} (from {'the tile argument' if tile else ENV_TILE}); "
-                         f"use one of {sorted(WIDE_SHAPES)}")
-    return WIDE_SHAPES[name]
+        raise ValueError(f"unknown CUDA tile shape {name!r} (from {source}); use one of {sorted(WIDE_SHAPES)}")
+    shape = WIDE_SHAPES[name]
+    if shape.tensor_cores and capability is not None and tuple(capability) < (8, 0):
+        raise ValueError(f"CUDA tile shape {name!r} (from {source}) runs on tensor cores (mma.sync m16n8k16), which "
+                         f"need compute capability 8.0 or later; this GPU has {capability[0]}.{capability[1]}: "
+                         f"use {DEFAULT_WIDE!r}")
+    return shape
+
+
+# max |F_j| s_j lands in [2^CLASS_SCALE_TOP - 1, 2^CLASS_SCALE_TOP): float16 holds the split
+# operands at full precision (2^-14 .. 65504) and s_j 2^10 stays a normal float32
+CLASS_SCALE_TOP = 14
+CLASS_SCALE_EXP = 100  # |log2 s_j| at most
+
+
+def class_scales(bank_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """s_j for the tensor-core slot GEMM (calibrated_sampler.cu, ``glag_slot_gemm_tc``): the power of
+    two that puts max |F_j| in [2^13, 2^14); 1 for a class of rank 0, all-zero or non-finite factors.
+    Its exponent is clamped to +-100, so that 2^-10 / s_j is a normal float32.
+
+    Args:
+        bank_t: (R, d) float32, rows ``offsets[j]:offsets[j+1]`` = F_j^T; offsets: (C+1,) int64.
+    Returns:
+        (C,) float32 on ``bank_t``'s device. One pass over the bank, no copy of it.
+    """
+    device = bank_t.device
+    offsets = offsets.to(device=device, dtype=torch.int64)
+    n_classes, n_rows = offsets.numel() - 1, bank_t.shape[0]
+    top = torch.zeros(n_classes + 1, dtype=torch.float32, device=device)  # [C]: rows past offsets[-1]
+    if n_rows and bank_t.shape[1]:
+        row_top = torch.linalg.vector_norm(bank_t, ord=float("inf"), dim=1)
+        cls = torch.searchsorted(offsets[1:], torch.arange(n_rows, device=device), right=True)
+        top = top.scatter_reduce(0, cls, row_top, "amax")
+    top = top[:n_classes]
+    _, e = torch.frexp(top)  # top in [2^(e-1), 2^e)
+    e = (CLASS_SCALE_TOP - e).clamp(-CLASS_SCALE_EXP, CLASS_SCALE_EXP)
+    scale = torch.ldexp(torch.ones_like(top), e)
+    return torch.where(torch.isfinite(top) & (top > 0), scale, torch.ones_like(top))
 
 
 def _cupy():
@@ -221,7 +266,7 @@ def sample_cuda(
         out: (N, d) float32 contiguous CUDA tensor, N = counts.sum() < 2^32.
         alpha, mode, seed: as in :func:`glag.sampling.sample_calibrated`.
         tile: the block tile at d >= 256 (:func:`slot_gemm_shape`); the samples are the same
-            for every shape, to float rounding.
+            for every shape, to float rounding (bit for bit between the float32 FMA shapes).
     """
     device = mu.device
     m, d = mu.shape
@@ -231,8 +276,9 @@ def sample_cuda(
     if support.shape[1] == 0:
         support, weights, offsets = placeholder_slot(m, device)
     k = support.shape[1]
-    shape = slot_gemm_shape(d, tile)
+    shape = slot_gemm_shape(d, tile, torch.cuda.get_device_capability(device))
     rows, row_seed, tiles = plan_cuda(support, counts, offsets, n_total, shape.bm)
+    extra = (_cp(class_scales(bank_t, offsets)),) if shape.tensor_cores else ()
     bn = shape.bn
     gemm = _kernels(_device_index(device))[shape.kernel]
     vec = d % 4 == 0 and out.data_ptr() % 16 == 0 and mu.data_ptr() % 16 == 0  # float4 epilogue
@@ -243,7 +289,7 @@ def sample_cuda(
     with _on_torch_stream(device):
         for slot in range(k):  # one launch a slot: each output element has one writer a launch
             gemm((tiles.shape[1], (d + bn - 1) // bn), (shape.threads,),
-                 (ft_c, off_c, rows_c[slot], seed_c[slot], tiles_c[slot], *head, np.int32(slot), *tail))
+                 (ft_c, off_c, rows_c[slot], seed_c[slot], tiles_c[slot], *head, np.int32(slot), *tail, *extra))
 
 
 def block_normals_cuda(seed: int, samples: torch.Tensor, stream: int, blocks: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The CUDA backend (kernels/calibrated_sampler.cu through CuPy).
 
 Tests marked ``gpu`` need CuPy and a CUDA GPU and skip without them (``pytest -m gpu``).
-The first test needs neither: it compiles the CUDA C source as C++ with a small shim (one
-std::thread per CUDA thread, a std::barrier for ``__syncthreads``, blocks one at a time) and
-checks the kernels' indexing, tiling and RNG against the reference on the CPU, so CI without a
-GPU still exercises the kernel code.
+The first tests need neither: they compile the CUDA C source as C++ with a small shim (one
+std::thread per CUDA thread, a std::barrier for ``__syncthreads``, blocks one at a time; the
+tensor-core kernel's warp-wide ``mma.sync`` and shuffles through a per-warp exchange, its
+float16 conversions through ``_Float16``) and check the kernels' indexing, tiling, fragment
+layouts and RNG against the reference on the CPU, so CI without a GPU still exercises the kernel
+code.
 """
 import ctypes
 import shutil
@@ -20,6 +22,8 @@ from glag.kernels import reference
 from glag.sampling import FactorBank, class_factor, sample_calibrated
 
 _OK, _WHY = kcuda.is_available()
+FMA_SHAPES = [t for t, shape in kcuda.WIDE_SHAPES.items() if not shape.tensor_cores]  # float32 FMA, same bits
+TC_SHAPES = [t for t, shape in kcuda.WIDE_SHAPES.items() if shape.tensor_cores]
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not _OK, reason=f"cuda backend unavailable: {_WHY}")
 
@@ -27,6 +31,7 @@ SHIM = r"""
 #include <barrier>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <string>
 #include <thread>
 #include <vector>
@@ -48,8 +53,57 @@ static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
 static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+// The tensor-core kernel's sm_80 pieces. Warp-wide operations go through a per-warp exchange
+// (every lane of the warp calls them together, as on the GPU).
+#define GLAG_WARP_EMULATED
+static std::barrier<>* glag_emu_warp[32];
+static unsigned int glag_emu_xchg[1024][6];
+static inline void glag_emu_warp_sync() { glag_emu_warp[threadIdx.x / 32]->arrive_and_wait(); }
+static inline unsigned short glag_half(float v) {  // nearest even, as cvt.rn.f16.f32
+    const _Float16 h = (_Float16)v;
+    unsigned short u;
+    std::memcpy(&u, &h, 2);
+    return u;
+}
+static inline float glag_half_float(unsigned short u) {
+    _Float16 h;
+    std::memcpy(&h, &u, 2);
+    return (float)h;
+}
+static inline float glag_shfl_xor(float v, int lane_mask) {
+    const unsigned int tid = threadIdx.x;
+    glag_emu_xchg[tid][0] = __float_as_uint(v);
+    glag_emu_warp_sync();
+    const float got = __uint_as_float(glag_emu_xchg[tid ^ (unsigned int)lane_mask][0]);
+    glag_emu_warp_sync();
+    return got;
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (PTX ISA, fragments of mma.m16n8k16 for .f16):
+// lane = 4 g + t; a_r holds A(g + 8 (r % 2), k = 2 (t + 4 (r / 2)) + {0, 1}); b_r holds
+// B(k = 2 (t + 4 r) + {0, 1}, n = g); d_r is D(g + 8 (r / 2), 2 t + r % 2); the lower k in the low half.
+static inline float glag_emu_half_at(unsigned int word, int k) { return glag_half_float((unsigned short)(word >> (16 * (k & 1)))); }
+static inline void glag_mma_f16(float* d, const unsigned int* a, const unsigned int* b) {
+    const unsigned int tid = threadIdx.x, base = tid & ~31u, lane = tid & 31u;
+    for (int q = 0; q < 4; ++q) glag_emu_xchg[tid][q] = a[q];
+    for (int q = 0; q < 2; ++q) glag_emu_xchg[tid][4 + q] = b[q];
+    glag_emu_warp_sync();
+    const unsigned int g = lane / 4, t = lane % 4;
+    for (int q = 0; q < 4; ++q) {
+        const unsigned int row = g + 8 * (q / 2), col = 2 * t + q % 2;
+        float acc = d[q];
+        for (int kk = 0; kk < 16; ++kk) {
+            const unsigned int pair = kk / 2, a_lane = (row % 8) * 4 + pair % 4, b_lane = col * 4 + pair % 4;
+            const float av = glag_emu_half_at(glag_emu_xchg[base + a_lane][row / 8 + 2 * (pair / 4)], kk);
+            const float bv = glag_emu_half_at(glag_emu_xchg[base + b_lane][4 + pair / 4], kk);
+            acc += av * bv;
+        }
+        d[q] = acc;
+    }
+    glag_emu_warp_sync();
 }
 #include "calibrated_sampler.cu"
 template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F body, unsigned int nt = 256) {
@@ -60,6 +114,8 @@ template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F bo
             blockIdx = {bx, by, 0};
             std::barrier<> bar(nt);
             glag_emu_barrier = &bar;
+            std::deque<std::barrier<>> warps;
+            for (unsigned int w = 0; w < (nt + 31) / 32; ++w) glag_emu_warp[w] = &warps.emplace_back(nt - 32 * w < 32 ? nt - 32 * w : 32);
             std::vector<std::thread> threads;
             for (unsigned int t = 0; t < nt; ++t)
                 threads.emplace_back([&, t] { threadIdx = {t, 0, 0}; body(); });
@@ -78,17 +134,22 @@ extern "C" void emu_plan(const long long* support, const long long* counts, cons
 extern "C" int emu_slot_gemm(const char* kernel_name, unsigned int nt, long long n_tiles, const float* ft, const long long* offsets,
                               const long long* rows, const long long* row_seed, const long long* tiles,
                               const float* weights, const float* mu, int k, int slot, int d, unsigned int k0,
-                              unsigned int k1, float sqrt_alpha, int diag, int vec, float* x) {
+                              unsigned int k1, float sqrt_alpha, int diag, int vec, float* x, const float* bscale) {
     const std::string name(kernel_name);
     auto kernel = name == "glag_slot_gemm_bn64"          ? glag_slot_gemm_bn64
                   : name == "glag_slot_gemm_bn256"       ? glag_slot_gemm_bn256
                   : name == "glag_slot_gemm_bm128_bn256" ? glag_slot_gemm_bm128_bn256
                   : name == "glag_slot_gemm_bn256_t128"  ? glag_slot_gemm_bn256_t128
                                                          : nullptr;
-    if (kernel == nullptr) return -1;
+    const bool tc = name == "glag_slot_gemm_tc_bn256";
+    if (kernel == nullptr && !tc) return -1;
     const unsigned int bn = name == "glag_slot_gemm_bn64" ? 64 : 256;
     emu_launch((unsigned int)n_tiles, (unsigned int)((d + bn - 1) / bn), [&] {
-        kernel(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x); }, nt);
+        if (tc)
+            glag_slot_gemm_tc_bn256(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag,
+                                    vec, x, bscale);
+        else
+            kernel(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x); }, nt);
     return 0;
 }
 """
@@ -160,12 +221,13 @@ def _emulated_sample(lib, bank, mu, support, w, counts, alpha, mode, seed, misal
     k0, k1 = reference.seed_key(seed)
     shape = kcuda.slot_gemm_shape(d, tile)
     rows, row_seed, tiles = _emulated_plan(lib, support, counts, offsets, shape.bm)
+    bscale = kcuda.class_scales(torch.from_numpy(ft), offsets).numpy()
     for slot in range(k):
         rc = lib.emu_slot_gemm(shape.kernel.encode(), ctypes.c_uint(shape.threads), ctypes.c_longlong(tiles.shape[1]),
                                _ptr(ft), _ptr(off_n), _ptr(rows[slot]), _ptr(row_seed[slot]), _ptr(tiles[slot]),
                                _ptr(w_n), _ptr(mu_n), ctypes.c_int(k), ctypes.c_int(slot), ctypes.c_int(d),
                                ctypes.c_uint(k0), ctypes.c_uint(k1), ctypes.c_float(alpha**0.5),
-                               ctypes.c_int(mode == "diag"), ctypes.c_int(vec), _ptr(x))
+                               ctypes.c_int(mode == "diag"), ctypes.c_int(vec), _ptr(x), _ptr(bscale))
         assert rc == 0, f"the emulator shim has no {shape.kernel}: add it to SHIM's emu_slot_gemm"
     return torch.from_numpy(x.copy())
 
@@ -191,13 +253,40 @@ def test_cuda_source_emulated_on_cpu_matches_reference(emulator, d, k, mode, alp
 
 
 def test_cuda_tile_shapes_emulated_give_identical_samples(emulator):
-    """Every shape for d >= 256 (K steps of 16 or 8, 64- or 128-row tiles, 256 or 128 threads)
-    computes each output as the same products added in the same order: the samples are equal
-    bit for bit."""
+    """Every float32 FMA shape for d >= 256 (K steps of 16 or 8, 64- or 128-row tiles, 256 or 128
+    threads) computes each output as the same products added in the same order: the samples are
+    equal bit for bit."""
     bank, mu, support, w, counts, _ = _emulated_problem(300, 3)
-    xs = [_emulated_sample(emulator, bank, mu, support, w, counts, 0.2, "diag", seed=11, tile=t)
-          for t in kcuda.WIDE_SHAPES]
+    xs = [_emulated_sample(emulator, bank, mu, support, w, counts, 0.2, "diag", seed=11, tile=t) for t in FMA_SHAPES]
     assert len(xs) >= 3 and all(torch.equal(xs[0], x) for x in xs[1:])
+
+
+@pytest.mark.parametrize("tile", TC_SHAPES)
+@pytest.mark.parametrize("factor_scale,weight", [(1e-6, 1.0), (1e6, 1.0), (1.0, 40.0), (3e-3, 1e-4)])
+def test_cuda_tensor_core_shape_emulated_keeps_float32_accuracy_at_any_scale(emulator, tile, factor_scale, weight):
+    """The tensor-core kernel splits its operands into float16 pieces: scaling the factors far out
+    of float16's range (1e-6, 1e6; the class scales s_j bring them back) or the normals by
+    sqrt(w) = 6.3 or 0.01 (applied after the product) keeps it within 1e-5 of the float64
+    reference, as unscaled."""
+    bank, mu, support, w, counts, labels = _emulated_problem(300, 2)
+    bank = FactorBank(bank.data * factor_scale, bank.offsets)
+    mu, w = mu * factor_scale, w * weight
+    x = _emulated_sample(emulator, bank, mu, support, w, counts, 0.0, "all", seed=3, tile=tile)
+    xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.0, "all", 3, backend="torch")
+    assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
+
+
+def test_class_scales_put_each_factor_top_in_float16_range():
+    """s_j is a power of two with max |F_j| s_j in [2^13, 2^14); 1 for a class of rank 0, zero or
+    non-finite factors; clamped to 2^+-100; rows past offsets[-1] (the k = 0 placeholder) ignored."""
+    rows = torch.tensor([[0.5, -3.0], [1.0, 2.0], [0.0, 0.0], [1e-33, 0.0], [float("inf"), 1.0], [7e30, 0.0],
+                         [-2.0**-20, 1e-9], [5.0, 5.0]])
+    s = kcuda.class_scales(rows, torch.tensor([0, 2, 2, 3, 4, 5, 6, 7]))
+    assert s.dtype == torch.float32 and s.tolist() == [2.0**12, 1.0, 1.0, 2.0**100, 1.0, 2.0**-89, 2.0**33]
+    tops = torch.tensor([3.0, 7e30, 2.0**-20])
+    assert (((tops * s[[0, 5, 6]]) >= 2**13) & ((tops * s[[0, 5, 6]]) < 2**14)).all()
+    assert kcuda.class_scales(rows, torch.tensor([0, 0])).tolist() == [1.0]
+    assert kcuda.class_scales(rows[:0], torch.tensor([0, 0, 0])).tolist() == [1.0, 1.0]
 
 
 def test_slot_gemm_shape_choice(monkeypatch):
@@ -210,8 +299,12 @@ def test_slot_gemm_shape_choice(monkeypatch):
     assert kcuda.slot_gemm_shape(2048).bm == 128
     assert kcuda.slot_gemm_shape(2048, "64x256").bm == 64
     monkeypatch.setenv(kcuda.ENV_TILE, "96x256")
-    with pytest.raises(ValueError, match=r"'96x256' \(from GLAG_CUDA_TILE\).*'128x256', '64x256', '64x256t128'"):
+    with pytest.raises(ValueError, match=r"'96x256' \(from GLAG_CUDA_TILE\).*'128x256', '64x256', '64x256t128', '64x256tc'"):
         kcuda.slot_gemm_shape(512)
+    assert kcuda.slot_gemm_shape(512, "64x256tc", capability=(9, 0)).tensor_cores
+    assert kcuda.slot_gemm_shape(100, "64x256tc", capability=(7, 5)) == kcuda.NARROW_SHAPE
+    with pytest.raises(ValueError, match=r"'64x256tc' \(from the tile argument\).*tensor cores.*8\.0.*7\.5: use '64x256'"):
+        kcuda.slot_gemm_shape(512, "64x256tc", capability=(7, 5))
 
 
 @pytest.mark.parametrize("seed,bm", [(s, 64) for s in range(5)] + [(s, 128) for s in range(2)])
@@ -280,17 +373,37 @@ def test_cuda_matches_reference(monkeypatch, d, tile, k, mode, alpha):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("tile", TC_SHAPES)
+@pytest.mark.parametrize("factor_scale,weight", [(1e-6, 1.0), (1e6, 1.0), (1.0, 40.0), (3e-3, 1e-4)])
+def test_cuda_tensor_core_shape_keeps_float32_accuracy_at_any_scale(monkeypatch, tile, factor_scale, weight):
+    """As the emulated test, on the GPU's tensor cores, at d = 2048 with a factor of rank 2048."""
+    monkeypatch.setenv(kcuda.ENV_TILE, tile)
+    d = 2048
+    bank, mu, support, w, counts, labels = _problem(d, ns=(1, 6, 17, d, d + 40, 80), m=7, k=2,
+                                                    counts=[0, 3, 70, 1, 130, 9, 64])
+    bank = FactorBank(bank.data * factor_scale, bank.offsets)
+    mu, w = mu * factor_scale, w * weight
+    dev = torch.device("cuda")
+    args = [t.to(dev) for t in (mu, support, w, counts, labels)]
+    x, _ = sample_calibrated(FactorBank(bank.data.to(dev), bank.offsets), *args, alpha=0.0, mode="all", seed=3,
+                             backend="cuda")
+    xr, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.0, "all", 3, backend="torch")
+    assert (x.cpu() - xr).abs().max() / xr.abs().max() <= 1e-5
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("d", [300, 2048])
 def test_cuda_tile_shapes_give_identical_samples(monkeypatch, d):
-    """On the GPU as in the emulator: every shape for d >= 256 adds the same products in the same
-    order, so the samples are equal bit for bit."""
+    """On the GPU as in the emulator: every float32 FMA shape for d >= 256 adds the same products
+    in the same order, so the samples are equal bit for bit."""
     bank, mu, support, w, counts, labels = _problem(d, ns=(1, 6, 17, d, d + 40, 80), m=7, k=3,
                                                     counts=[0, 3, 70, 1, 130, 9, 300])
     dev = torch.device("cuda")
     args = [t.to(dev) for t in (mu, support, w, counts, labels)]
     bank_gpu = FactorBank(bank.data.to(dev), bank.offsets)
     xs = []
-    for tile in kcuda.WIDE_SHAPES:
+    for tile in FMA_SHAPES:
         monkeypatch.setenv(kcuda.ENV_TILE, tile)
         xs.append(sample_calibrated(bank_gpu, *args, alpha=0.2, mode="diag", seed=5, backend="cuda")[0])
     assert len(xs) >= 3 and all(torch.equal(xs[0], x) for x in xs[1:])

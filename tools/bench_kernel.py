@@ -26,7 +26,8 @@ amount of work, and times on the same job:
                     GEMMs do); ``glag-<backend>-fresh`` (CPU): the same with a new output every
                     call, whose pages the OS must map and zero each time; ``glag-cuda-<BMxBN>``
                     (GPU, d >= 256): the cuda backend with each block tile other than its default
-                    (``GLAG_CUDA_TILE``, :func:`glag.kernels.cuda.slot_gemm_shape`);
+                    (``GLAG_CUDA_TILE``, :func:`glag.kernels.cuda.slot_gemm_shape`; the
+                    tensor-core tile ``64x256tc`` on compute capability 8.0 and later);
 * ``gemm-*``        this machine's float32 GEMM rate on exactly the (rows x r_j) @ (r_j x d)
                     products of the job: whole groups in torch (``gemm-torch``; on a GPU also
                     replayed from a CUDA graph, ``gemm-torch-graph``) and numpy (``gemm-numpy``),
@@ -479,8 +480,9 @@ def run_config(job: Job, args, backends, progress) -> dict:
                 from glag.kernels import cuda as kcuda
 
                 default = kcuda.slot_gemm_shape(job.d)
+                has_tc = torch.cuda.get_device_capability(device) >= (8, 0)
                 for tile, shape in kcuda.WIDE_SHAPES.items():
-                    if shape != default:
+                    if shape != default and (has_tc or not shape.tensor_cores):
                         methods[f"glag-cuda-{tile}"] = make_glag(job, b, cuda_tile=tile)
     if device.type == "cuda":
         methods["torch-lowrank-tf32"] = make_lowrank(job, tf32=True)
