@@ -109,6 +109,10 @@ class Stage1Config:
     def __post_init__(self):
         """Check every option (UsageError naming the flag) and fill in the default arch."""
         check_ranges(dataclasses.asdict(self), **_RANGES)
+        if self.warmup_epochs >= self.epochs:
+            raise UsageError(f"--warmup-epochs {self.warmup_epochs} must be below --epochs {self.epochs}: the "
+                             f"learning rate warms up to --lr over those epochs, then decays over the rest; "
+                             f"lower --warmup-epochs or raise --epochs")
         if self.arch is None:
             self.arch = "resnet10" if self.dataset in ("list", "folder") else "resnet32"
 

@@ -565,6 +565,30 @@ def test_list_16bit_grey_images(png_dataset, tmp_path):
         ds.test.load_batch(np.array([2]), augment=False, seed=0)
 
 
+def test_list_float_grey_images(png_dataset, tmp_path):
+    """Float TIFFs (mode F): values in [0, 1] are intensities (times 255), values up to 255 are
+    0..255, like the 8-bit file; other ranges and NaN are refused, naming the file and the fix."""
+    root, files = png_dataset
+    ramp8 = np.rint(np.linspace(0, 255, 20 * 24)).reshape(20, 24)
+    Image.fromarray(ramp8.astype(np.uint8), "L").save(root / "grey8.png")
+    Image.fromarray((ramp8 / 255).astype(np.float32), "F").save(root / "unit.tif")
+    Image.fromarray(ramp8.astype(np.float32), "F").save(root / "byte.tif")
+    with Image.open(root / "unit.tif") as im:
+        assert im.mode == "F"
+    lst = tmp_path / "float.txt"
+    lst.write_text("grey8.png 0\nunit.tif 0\nbyte.tif 0\n")
+    ds = build_list(root, files, test_list=lst)
+    x = ds.test.load_batch(np.arange(3), augment=False, seed=0)
+    assert x[0].max() > x[0].min()  # a ramp, not all black
+    torch.testing.assert_close(x[1], x[0])
+    torch.testing.assert_close(x[2], x[0])
+    for bad, what in ((np.full((20, 24), 300.0), "values in 300..300"), (np.full((20, 24), -0.5), "values in -0.5"),
+                      (np.full((20, 24), np.nan), "not finite")):
+        Image.fromarray(bad.astype(np.float32), "F").save(root / "unit.tif")
+        with pytest.raises(DatasetCorruptError, match=f"unit.tif .*line 2. is a float image .*{what}.*rescale"):
+            ds.test.load_batch(np.array([1]), augment=False, seed=0)
+
+
 def test_list_file_encoding(png_dataset, tmp_path):
     root, files = png_dataset
     bom = tmp_path / "bom.txt"

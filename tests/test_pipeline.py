@@ -46,6 +46,7 @@ def test_pipeline_reuses_finished_stages_only_with_their_options(root, tmp_path,
     (S1, S2 + " --method dc", "--stage2-args may not set --method"),
     ("--lr '0.1", S2, "--stage1-args .*No closing quotation"),
     (S1, "--epochs 0", "--epochs must be an integer >= 1, got 0"),  # stage two's, refused before stage one runs
+    (S1 + " --warmup-epochs 1", S2, "--warmup-epochs 1 must be below --epochs 1: .*lower --warmup-epochs"),
 ])
 def test_pipeline_refuses_bad_stage_options_before_any_stage_runs(root, tmp_path, s1, s2, match):
     out = tmp_path / "p"

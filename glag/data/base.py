@@ -204,11 +204,13 @@ def to_rgb(im, name: str = "image"):
 
     16-bit grey (modes ``I;16*``, and ``I`` with every value in 0..65535, as 16-bit PNGs and
     TIFFs open) is scaled to 8 bits (divided by 257, rounded) first: ``convert("RGB")`` would
-    clip every value above 255 to white.
+    clip every value above 255 to white. Float grey (mode ``F``, float TIFFs) with every value in
+    [0, 1] is taken as intensities in [0, 1] (times 255, rounded; ``convert`` would make it black);
+    with values up to 255, as 0..255.
 
     Raises:
-        DatasetCorruptError: a mode ``I`` image with values outside 0..65535 (32-bit data);
-            the message starts with ``name``.
+        DatasetCorruptError: a mode ``I`` image with values outside 0..65535 (32-bit data), or a
+            mode ``F`` one with values outside [0, 255] or not finite; the message starts with ``name``.
     """
     from PIL import Image
 
@@ -220,6 +222,16 @@ def to_rgb(im, name: str = "image"):
                                       f"range {lo}..{hi}); glag reads 8- and 16-bit images: "
                                       f"convert it to 8 or 16 bits")
         im = Image.fromarray(np.rint(a / 257.0).astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)  # [H, W]
+        finite = bool(np.isfinite(a).all())
+        lo, hi = (float(a.min()), float(a.max())) if a.size and finite else (0.0, 0.0)
+        if not finite or lo < 0 or hi > 255:
+            what = "values that are not finite" if not finite else f"values in {lo:g}..{hi:g}"
+            raise DatasetCorruptError(f"{name} is a float image (mode F) with {what}; glag reads float images "
+                                      f"with values in [0, 1] or [0, 255]: rescale it to one of those, or save it "
+                                      f"as an 8- or 16-bit image")
+        im = Image.fromarray(np.rint(a * 255.0 if hi <= 1.0 else a).astype(np.uint8), "L")
     return im.convert("RGB")
 
 
