@@ -519,7 +519,17 @@ def _candidate_workers(cfg: Stage2Config) -> int:
 
 
 def _candidate_init(numba_threads: int, log_level: int) -> None:
-    """Worker start-up: share the cores (numba's pool is sized at import) and log warnings."""
+    """Worker start-up: share the cores (numba's pool is sized at import) and log warnings.
+    Ctrl-C is the parent's to handle (it terminates the pool), and tqdm's lock is a thread lock:
+    its default, a multiprocessing semaphore, would be left behind by a terminated worker (the
+    "leaked semaphore" warning at exit)."""
+    import signal
+    import threading
+
+    from tqdm.std import tqdm as std_tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    std_tqdm.set_lock(threading.RLock())  # the base class: every tqdm flavour asks it
     os.environ["NUMBA_NUM_THREADS"] = str(numba_threads)
     logging.basicConfig(level=max(log_level, logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -305,8 +305,10 @@ def test_stage1_resume_with_other_data_options_is_refused(tiny_run, tmp_path):
 
 
 def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path):
-    """^C during --omega-init auto with candidates in worker processes: the workers stop with the
-    tool (no process keeps writing), and --resume finishes with the uninterrupted result."""
+    """^C during --omega-init auto with candidates in worker processes (sent to the whole process
+    group, as a terminal does): the workers stop with the tool (no process keeps writing), the tool
+    says how to continue and nothing warns of leaked semaphores, and --resume finishes with the
+    uninterrupted result."""
     from glag.synthetic import write_synthetic_features
 
     feats = write_synthetic_features(tmp_path / "f.h5", [300, 200, 120, 60, 30, 12, 6, 3], 16,
@@ -315,15 +317,17 @@ def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path):
             "--backend", "torch", "--no-plots", "--no-progress"]
     run_tool("afg_train", *args, "--out", tmp_path / "full")
     out = tmp_path / "run"
-    proc = tool("afg_train", *args, "--out", out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = tool("afg_train", *args, "--out", out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while proc.poll() is None and not list(out.glob("omega_init/*/last.pt")) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     sent = time.time()
-    assert proc.wait(timeout=60) != 0, "the run finished before it could be interrupted"
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
     assert time.time() - sent < 15  # it did not wait for the candidates to finish
+    assert "interrupted" in err and "--resume" in err and "leaked" not in err, err[-2000:]
     folders = sorted(out.glob("omega_init/*"))
     assert folders and not all((f / "metrics.json").exists() for f in folders)
     before = {f.name: folder_state(f) for f in folders}
