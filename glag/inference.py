@@ -13,7 +13,8 @@ from .data import iterate_batches
 
 
 def iterate_outputs(model, split, batch_size: int = 256, *, start_batch: int = 0, num_workers: int = 0,
-                    channels_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    channels_last: bool = True
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(features (B, d) float32, logits (B, C) float32, labels (B,) int64, index (B,) int64)``.
 
     Rows come in split order (no shuffle, no augmentation), starting at batch ``start_batch``,

@@ -5,7 +5,6 @@ scalar mean over the batch. ``log_prior`` is log π_c, (C,) float32, π_c = n_c 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -130,7 +130,8 @@ class FactorBank:
             padded = (ranks + multiple - 1) // multiple * multiple
             offsets = torch.zeros_like(self.offsets)
             offsets[1:] = torch.cumsum(padded, 0)
-            dest = torch.repeat_interleave(offsets[:-1] - self.offsets[:-1], ranks) + torch.arange(int(self.offsets[-1]))
+            dest = (torch.repeat_interleave(offsets[:-1] - self.offsets[:-1], ranks)
+                    + torch.arange(int(self.offsets[-1])))
             out = torch.zeros((int(offsets[-1]), self.dim), dtype=torch.float32, device=device)
             out[dest.to(device)] = self.data.detach().to(device=device, dtype=torch.float32).t()
             hit = (out, offsets)
@@ -365,12 +366,14 @@ def sample_calibrated(
     else:  # cuda: where the inputs are, or the current GPU for CPU inputs
         run_dev = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     if run_dev != device:
-        _log_once(logging.INFO, "sampler inputs on %s, backend %s runs on %s: copying in and out", device, name, run_dev)
+        _log_once(logging.INFO, "sampler inputs on %s, backend %s runs on %s: copying in and out",
+                  device, name, run_dev)
 
     def on(t, dtype):
         return t.detach().to(device=run_dev, dtype=dtype).contiguous()
 
-    mu_r, sup_r, w_r, cnt_r = on(mu, torch.float32), on(support, torch.int64), on(weights, torch.float32), on(counts, torch.int64)
+    mu_r, sup_r = on(mu, torch.float32), on(support, torch.int64)
+    w_r, cnt_r = on(weights, torch.float32), on(counts, torch.int64)
     # write straight into out where the backend runs on its device; else a buffer copied into it
     direct = out is not None and out.device == run_dev
     if name == "numba":

@@ -603,7 +603,8 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
     fingerprint = data.features_fingerprint
     if resume and last_path.exists():
         ck = torch.load(last_path, map_location="cpu", weights_only=True)
-        if (ck["num_classes"], ck["feature_dim"]) != (C, d) or ck.get("features_fingerprint", fingerprint) != fingerprint:
+        other_file = ck.get("features_fingerprint", fingerprint) != fingerprint
+        if (ck["num_classes"], ck["feature_dim"]) != (C, d) or other_file:
             raise UsageError(f"{last_path} was trained on other features (C = {ck['num_classes']}, d = "
                              f"{ck['feature_dim']}, fingerprint {ck.get('features_fingerprint', '-')}) than "
                              f"{cfg.features} (C = {C}, d = {d}, fingerprint {fingerprint}); resume with the "
@@ -620,7 +621,8 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
         log.info("resuming %s after epoch %d", cfg.out, start_epoch)
     else:  # a new run, or one stopped before its first last.pt: (re)start at epoch 1
         run.truncate_summary(0)  # a row the stopped run wrote for an epoch it did not checkpoint
-        run.write_config({**dataclasses.asdict(cfg), "n_max_resolved": builder.n_max, "features_fingerprint": fingerprint,
+        run.write_config({**dataclasses.asdict(cfg), "n_max_resolved": builder.n_max,
+                          "features_fingerprint": fingerprint,
                           "head_classes": builder.head_ids.tolist(), "generated_classes": builder.tail_ids.tolist(),
                           "resampled_classes": builder.resample_ids, **data.describe()},
                          cfg.seed)

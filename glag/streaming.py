@@ -534,7 +534,6 @@ class StreamingEpochBuilder:
         is_tail[tail] = True
         m = self.m = int(self.counts[tail].sum())
         store = np.dtype(self.plan.tail_dtype)
-        d = None
         self.tail_x = None
         filled = [0]
         step = self.plan.pass_rows

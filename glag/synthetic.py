@@ -1,8 +1,9 @@
 """Synthetic feature files in glag's HDF5 schema, for tests and benchmarks (no images, no model).
 
 Features are post-ReLU class clusters: ``relu(μ_c + spread·ε)``, ε ~ N(0, I), class means
-μ_c ~ N(0, separation²·I); the "teacher" logits are the Bayes classifier of the clusters under the long-tailed training
-prior (head-biased, as a CE-trained stage one is), so KD has something to distil. Written in chunks through :class:`glag.features.FeatureWriter`, so
+μ_c ~ N(0, separation²·I); the "teacher" logits are the Bayes classifier of the clusters under the
+long-tailed training prior (head-biased, as a CE-trained stage one is), so KD has something to
+distil. Written in chunks through :class:`glag.features.FeatureWriter`, so
 a file far larger than memory (iNaturalist's 437,513 × 2,048) can be made within a fixed budget.
 """
 from __future__ import annotations

@@ -144,7 +144,8 @@ def _box_muller(u, ub, scale):
     e = e_b if hi else e_a
     sr = num / den
     s2 = sr * sr
-    ln_m = sr * (_F32(2.0) + s2 * (_F32(2.0 / 3.0) + s2 * (_F32(2.0 / 5.0) + s2 * (_F32(2.0 / 7.0) + s2 * _F32(2.0 / 9.0)))))
+    ln_m = sr * (_F32(2.0) + s2 * (_F32(2.0 / 3.0) + s2 * (_F32(2.0 / 5.0)
+                                                       + s2 * (_F32(2.0 / 7.0) + s2 * _F32(2.0 / 9.0)))))
     radius = np.sqrt(_F32(-2.0) * (_F32(e) * _F32(0.6931471805599453) + ln_m)) * scale
     # ---- angle
     w = _U32(ub + _U32(0x20000000))
@@ -152,8 +153,10 @@ def _box_muller(u, ub, scale):
     delta = np.int32(w & _U32(0x3FFFFFFF)) - np.int32(0x20000000)
     psi = (_F32(delta) + _F32(0.5)) * _F32(1.4629180792671596e-09)  # 2 pi / 2^32
     p2 = psi * psi
-    sn = psi * (_F32(1.0) + p2 * (_F32(-1.0 / 6) + p2 * (_F32(1.0 / 120) + p2 * (_F32(-1.0 / 5040) + p2 * _F32(1.0 / 362880)))))
-    cs = _F32(1.0) + p2 * (_F32(-0.5) + p2 * (_F32(1.0 / 24) + p2 * (_F32(-1.0 / 720) + p2 * (_F32(1.0 / 40320) + p2 * _F32(-1.0 / 3628800)))))
+    sn = psi * (_F32(1.0) + p2 * (_F32(-1.0 / 6) + p2 * (_F32(1.0 / 120)
+                                                    + p2 * (_F32(-1.0 / 5040) + p2 * _F32(1.0 / 362880)))))
+    cs = _F32(1.0) + p2 * (_F32(-0.5) + p2 * (_F32(1.0 / 24) + p2 * (
+        _F32(-1.0 / 720) + p2 * (_F32(1.0 / 40320) + p2 * _F32(-1.0 / 3628800)))))
     odd = (q & _U32(1)) != _U32(0)  # q = 1: (-sin, cos); q = 3: (sin, -cos)
     cos_v = -sn if odd else cs
     sin_v = cs if odd else sn
@@ -288,7 +291,8 @@ def _task_tiles(task, rows, bank4, offsets4, seed_of, w_col, stream, k0, k1, poo
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _slot_tasks_blas(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, first, mu, sqrt_alpha, diag):
+def _slot_tasks_blas(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, first, mu, sqrt_alpha,
+                     diag):
     """One slot: for each task (class j, rows[a:b]), ``x[rows] += Z F_j^T`` (METHOD.md).
 
     Threads over tasks (tiles of samples); each thread draws its tile's normals into its own
@@ -321,7 +325,8 @@ def _gemm_loops(z, f_t, y):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _slot_tasks_loops(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, first, mu, sqrt_alpha, diag):
+def _slot_tasks_loops(x, rows, tasks, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, first, mu, sqrt_alpha,
+                      diag):
     """:func:`_slot_tasks_blas` with the product in plain loops (no scipy BLAS here)."""
     for t in prange(tasks.shape[0]):
         z, f_t, y, e = _task_tiles(tasks[t], rows, bank4, offsets4, seed_of, w_col, stream, k0, k1, pools, x.shape[1])

@@ -9,9 +9,10 @@ torch work as usual.
 Work per call (METHOD.md, low-rank sampling), all on torch's stream, the host never waiting for
 the device: three small plan kernels group every slot's samples by support class and cut the
 groups into tiles of BM rows (``glag_plan_count``, ``glag_plan_tiles``, ``glag_plan_rows``), then
-one ``glag_slot_gemm_*`` launch a slot, of the tile shape :func:`slot_gemm_shape` picks. Slot 0 writes ``x = mu' + e + its product``, the later
-slots add theirs. Each GEMM's grid is an upper bound on its tile count (:func:`tile_bound`), and
-the blocks past the last tile return at once. A call launches about ten kernels (it was over a
+one ``glag_slot_gemm_*`` launch a slot, of the tile shape :func:`slot_gemm_shape` picks. Slot 0
+writes ``x = mu' + e + its product``, the later slots add theirs. Each GEMM's grid is an upper
+bound on its tile count (:func:`tile_bound`), and the blocks past the last tile return at once.
+The tensor-core tile also gets the class scales (:func:`class_scales`). A call launches about ten kernels (it was over a
 hundred torch ops when the grouping was done in torch, and the host time to launch them was
 longer than the GPU's work at CIFAR-100-LT size).
 """
@@ -203,7 +204,8 @@ def _grid(n_items: int) -> tuple[int]:
 def placeholder_slot(m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(support, weights, offsets) for k = 0: one slot whose class has rank 0, so the slot-0
     GEMM writes x = mu' + e with an empty product. (m, 1) int64 zeros, (m, 1) float32 zeros, [0, 0]."""
-    return (torch.zeros((m, 1), dtype=torch.int64, device=device), torch.zeros((m, 1), dtype=torch.float32, device=device),
+    return (torch.zeros((m, 1), dtype=torch.int64, device=device),
+            torch.zeros((m, 1), dtype=torch.float32, device=device),
             torch.zeros(2, dtype=torch.int64, device=device))
 
 

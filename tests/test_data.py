@@ -167,12 +167,12 @@ def test_data_errors_are_usage_errors():
 @pytest.mark.parametrize("val_per_class", [0, -1])
 def test_val_per_class_must_be_positive(fake_fmnist, fake_cifar, png_dataset, val_per_class):
     # 0 gave an empty val split; a negative value moved training images to val (negative slicing)
-    with pytest.raises(UsageError, match="--val-per-class"):
+    with pytest.raises(UsageError, match=f"--val-per-class must be an integer >= 1, got {val_per_class}$"):
         fmnist_small(fake_fmnist[0], val_per_class=val_per_class)
-    with pytest.raises(UsageError, match="--val-per-class"):
+    with pytest.raises(UsageError, match=f"--val-per-class must be an integer >= 1, got {val_per_class}$"):
         cifar_small(fake_cifar[0], val_per_class=val_per_class)
     root, files = png_dataset
-    with pytest.raises(UsageError, match="--val-per-class"):
+    with pytest.raises(UsageError, match=f"--val-per-class must be an integer >= 1, got {val_per_class}$"):
         build_list(root, files, val_list=None, val_per_class=val_per_class)
 
 

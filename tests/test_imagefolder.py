@@ -72,7 +72,7 @@ def test_folder_damaged_image(tmp_path):
 @pytest.mark.parametrize("val_per_class", [0, -2])
 def test_folder_val_per_class_must_be_positive(tmp_path, val_per_class):
     root = make_tree(tmp_path / "tree", {k: v for k, v in TREE.items() if k != "val"})
-    with pytest.raises(UsageError, match="--val-per-class"):
+    with pytest.raises(UsageError, match=f"--val-per-class must be an integer >= 1, got {val_per_class}$"):
         build_dataset("folder", root=root, val_per_class=val_per_class, image_size=16)
 
 

@@ -85,7 +85,9 @@ static inline float glag_shfl_xor(float v, int lane_mask) {
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (PTX ISA, fragments of mma.m16n8k16 for .f16):
 // lane = 4 g + t; a_r holds A(g + 8 (r % 2), k = 2 (t + 4 (r / 2)) + {0, 1}); b_r holds
 // B(k = 2 (t + 4 r) + {0, 1}, n = g); d_r is D(g + 8 (r / 2), 2 t + r % 2); the lower k in the low half.
-static inline float glag_emu_half_at(unsigned int word, int k) { return glag_half_float((unsigned short)(word >> (16 * (k & 1)))); }
+static inline float glag_emu_half_at(unsigned int word, int k) {
+    return glag_half_float((unsigned short)(word >> (16 * (k & 1))));
+}
 static inline void glag_mma_f16(float* d, const unsigned int* a, const unsigned int* b) {
     const unsigned int tid = threadIdx.x, base = tid & ~31u, lane = tid & 31u;
     for (int q = 0; q < 4; ++q) glag_emu_xchg[tid][q] = a[q];
@@ -115,7 +117,8 @@ template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F bo
             std::barrier<> bar(nt);
             glag_emu_barrier = &bar;
             std::deque<std::barrier<>> warps;
-            for (unsigned int w = 0; w < (nt + 31) / 32; ++w) glag_emu_warp[w] = &warps.emplace_back(nt - 32 * w < 32 ? nt - 32 * w : 32);
+            for (unsigned int w = 0; w < (nt + 31) / 32; ++w)
+                glag_emu_warp[w] = &warps.emplace_back(nt - 32 * w < 32 ? nt - 32 * w : 32);
             std::vector<std::thread> threads;
             for (unsigned int t = 0; t < nt; ++t)
                 threads.emplace_back([&, t] { threadIdx = {t, 0, 0}; body(); });
@@ -131,7 +134,8 @@ extern "C" void emu_plan(const long long* support, const long long* counts, cons
     emu_launch(grid, 1, [&] {
         glag_plan_rows(support, counts, ends, m, k, n_classes, n, cursor, rows, row_seed); });
 }
-extern "C" int emu_slot_gemm(const char* kernel_name, unsigned int nt, long long n_tiles, const float* ft, const long long* offsets,
+extern "C" int emu_slot_gemm(const char* kernel_name, unsigned int nt, long long n_tiles, const float* ft,
+                             const long long* offsets,
                               const long long* rows, const long long* row_seed, const long long* tiles,
                               const float* weights, const float* mu, int k, int slot, int d, unsigned int k0,
                               unsigned int k1, float sqrt_alpha, int diag, int vec, float* x, const float* bscale) {
@@ -146,10 +150,11 @@ extern "C" int emu_slot_gemm(const char* kernel_name, unsigned int nt, long long
     const unsigned int bn = name == "glag_slot_gemm_bn64" ? 64 : 256;
     emu_launch((unsigned int)n_tiles, (unsigned int)((d + bn - 1) / bn), [&] {
         if (tc)
-            glag_slot_gemm_tc_bn256(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag,
-                                    vec, x, bscale);
+            glag_slot_gemm_tc_bn256(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha,
+                                    diag, vec, x, bscale);
         else
-            kernel(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x); }, nt);
+            kernel(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x);
+    }, nt);
     return 0;
 }
 """
@@ -197,7 +202,8 @@ def _emulated_plan(lib, support, counts, offsets, bm=64, grid=2):
     rows, row_seed = np.empty((k, n), np.int64), np.empty((k, n), np.int64)
     lib.emu_plan(_ptr(support), _ptr(counts), _ptr(np.cumsum(counts)), ctypes.c_longlong(m), ctypes.c_int(k),
                  _ptr(offsets), ctypes.c_int(n_classes), ctypes.c_longlong(n), ctypes.c_longlong(bound),
-                 ctypes.c_int(bm), _ptr(hist), _ptr(cursor), _ptr(tiles), _ptr(rows), _ptr(row_seed), ctypes.c_uint(grid))
+                 ctypes.c_int(bm), _ptr(hist), _ptr(cursor), _ptr(tiles), _ptr(rows), _ptr(row_seed),
+                 ctypes.c_uint(grid))
     return rows, row_seed, tiles
 
 
@@ -299,11 +305,13 @@ def test_slot_gemm_shape_choice(monkeypatch):
     assert kcuda.slot_gemm_shape(2048).bm == 128
     assert kcuda.slot_gemm_shape(2048, "64x256").bm == 64
     monkeypatch.setenv(kcuda.ENV_TILE, "96x256")
-    with pytest.raises(ValueError, match=r"'96x256' \(from GLAG_CUDA_TILE\).*'128x256', '64x256', '64x256t128', '64x256tc'"):
+    valid = r"'128x256', '64x256', '64x256t128', '64x256tc'"
+    with pytest.raises(ValueError, match=r"'96x256' \(from GLAG_CUDA_TILE\).*" + valid):
         kcuda.slot_gemm_shape(512)
     assert kcuda.slot_gemm_shape(512, "64x256tc", capability=(9, 0)).tensor_cores
     assert kcuda.slot_gemm_shape(100, "64x256tc", capability=(7, 5)) == kcuda.NARROW_SHAPE
-    with pytest.raises(ValueError, match=r"'64x256tc' \(from the tile argument\).*tensor cores.*8\.0.*7\.5: use '64x256'"):
+    too_old = r"'64x256tc' \(from the tile argument\).*tensor cores.*8\.0.*7\.5: use '64x256'"
+    with pytest.raises(ValueError, match=too_old):
         kcuda.slot_gemm_shape(512, "64x256tc", capability=(7, 5))
 
 
@@ -457,7 +465,8 @@ def test_cuda_with_cpu_inputs_returns_cpu_and_auto_prefers_cuda(monkeypatch):
 @needs_gpu
 def test_cuda_out_buffer_in_place_and_across_devices():
     """``out=`` on the GPU: written in place (a row slice of a bigger buffer, the rest untouched;
-    a slice that is not 16-byte aligned); CPU inputs with the cuda backend: computed on the GPU and copied into the CPU ``out``."""
+    a slice that is not 16-byte aligned); CPU inputs with the cuda backend: computed on the GPU and
+    copied into the CPU ``out``."""
     bank, mu, support, w, counts, labels = _problem(40, ns=(5, 30, 60), m=5, k=2, counts=[10, 0, 5, 7, 300])
     n = int(counts.sum())
     dev = torch.device("cuda")

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UsageError
+from ..options import check_ranges
 from . import transforms as T
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,10 @@ class DatasetCorruptError(UsageError):
 
 
 def check_val_per_class(val_per_class: int) -> None:
-    """Raise :class:`UsageError` unless ``val_per_class`` (``--val-per-class``) is >= 1: 0 would
-    leave the validation split empty, a negative count would slice training images into it."""
-    if val_per_class < 1:
-        raise UsageError(f"--val-per-class (val_per_class) must be >= 1, got {val_per_class}: "
-                         f"it is the number of validation images per class")
+    """Raise :class:`UsageError` unless ``val_per_class`` (``--val-per-class``) is an integer >= 1
+    (:func:`glag.options.check_ranges`, as the stages check their options): 0 would leave the
+    validation split empty, a negative count would slice training images into it."""
+    check_ranges({"val_per_class": val_per_class}, int_min={"val_per_class": 1})
 
 
 def resolve_root(root: str | os.PathLike | None, default: str | os.PathLike) -> Path:
