@@ -30,7 +30,9 @@ samples each (8.1 M samples, 67 GB if materialised). Stage two then runs like th
 Memory is planned up front (:class:`StreamPlan`): what stays resident (bank, tail seeds,
 classifier with its gradient and momentum, means, index arrays) plus the process as it stands
 (``VmRSS``) is subtracted from the budget, and the block, piece and evaluation sizes are cut
-from the rest. A budget below the resident minimum is reported (a warning, with the minimum)
+from the rest, rounded down to a multiple of budget / 32 (so that the few MiB by which a process's
+start-up memory varies between two runs of one command rarely change a size, and with it the
+order of an epoch's samples). A budget below the resident minimum is reported (a warning, with the minimum)
 and the run goes on with the smallest blocks.
 """
 from __future__ import annotations
@@ -80,6 +82,7 @@ _LAZY_IMPORTS = {"faiss": 16 << 20, "numba": 144 << 20}
 # Slack for the allocator, HDF5 chunk caches, tqdm, checkpoint writing and small arrays:
 # budget / 64, between 16 and 64 MiB.
 _SLACK = (16 << 20, 64 << 20)
+PLAN_STEPS = 32  # the working memory of a streaming plan is a multiple of budget / PLAN_STEPS
 _MAX_PIECE = 1 << 16
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -320,8 +323,12 @@ def plan_streaming(ff, cfg, budget: int, baseline: int | None = None) -> StreamP
     expansion = m_epoch / max(n, 1)
     per_block_row = _block_row_bytes(C, d, expansion)
     if fits:
-        # the block and a piece coexist; the rest is for the step and the allocator's leftovers
-        work = free
+        # The working memory is cut from a grid of budget / PLAN_STEPS (>= 1 MiB), not from the
+        # exact bytes left: two runs of one command, whose start-up memory differs by a few MiB,
+        # get the same sizes and so the same sample order, unless the difference crosses a step.
+        # The block and a piece coexist; the rest is for the step and the allocator's leftovers.
+        step = max(1 << 20, budget // PLAN_STEPS)
+        work = max(work_min, free // step * step)
         block_rows = int(0.25 * work // per_block_row)
         piece = int(0.35 * work // _piece_row_bytes(d))
         eval_rows = int(0.6 * work // (2 * d * 4 + 3 * C * 4))

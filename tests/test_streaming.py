@@ -271,3 +271,23 @@ def test_streamed_run_resumed_under_another_budget_keeps_its_plan(feats, tmp_pat
     _run_epochs(m, 1)
     resumed = train_stage2(dataclasses.replace(m, max_memory=TINY), resume=True)
     assert resumed["data_path"] == "memory" and resumed["stage2"] == mem_full["stage2"]
+
+
+def test_plan_sizes_do_not_follow_small_differences_of_the_process_memory(tmp_path):
+    """The block sizes (and with them an epoch's sample order) are cut from a grid of budget / 32,
+    so start-up memory differing by a few MiB between two runs of one command gives the same
+    plan: over 20 baselines 1 MiB apart (about 3 grid steps) at most 4 plans, each for a run of
+    consecutive baselines; the exact bytes left would give a plan for every MiB."""
+    from glag.streaming import PLAN_STEPS, plan_streaming
+
+    path = write_synthetic_features(tmp_path / "s.h5", [3000] * 20 + [40] * 80, 128, val_per_class=5,
+                                    test_per_class=5, seed=1)
+    budget = 100 << 20
+    c = Stage2Config(features=str(path), max_memory=str(budget)).resolved()
+    with open_features(path) as ff:
+        plans = [plan_streaming(ff, c, budget, baseline=(40 + i) << 20) for i in range(20)]
+    assert all(p.fits for p in plans)
+    sizes = [(p.block_rows, p.granule_rows, p.piece_samples, p.pass_rows, p.eval_rows, p.tail_dtype) for p in plans]
+    changes = sum(a != b for a, b in zip(sizes, sizes[1:]))
+    assert changes <= 20 * (1 << 20) // (budget // PLAN_STEPS) + 1, sizes
+    assert len(set(sizes)) == changes + 1  # a plan never comes back: one run of baselines each
