@@ -596,7 +596,7 @@ __device__ __forceinline__ void glag_slot_gemm_tc(const float* __restrict__ ft, 
                                                   int k, int slot, int d, unsigned int k0, unsigned int k1,
                                                   float sqrt_alpha, int diag, int vec, float* __restrict__ x,
                                                   const float* __restrict__ bscale) {
-    constexpr int BM = 64, BN = 256, BK = 16, NT = 256, MT = 2, NTL = 8;  // MT x NTL MMA tiles a warp
+    constexpr int BM = 64, BN = 256, BK = 16, MT = 2, NTL = 8;  // 256 threads; MT x NTL MMA tiles a warp
     constexpr float A_SCALE = 1024.0f, A_UNSCALE = 1.0f / 1024.0f;
     // A: 16-byte fragments, hi and lo planes: row r = 16 i + 8 h + gg, group q -> fragment (8 i + gg) * 4 + q,
     // word 2 (c0 c1 or c2 c3) + h, so that the load of a lane is its a0..a3 in register order.
@@ -625,7 +625,7 @@ __device__ __forceinline__ void glag_slot_gemm_tc(const float* __restrict__ ft, 
     if (r > 0) {  // the same for the whole block
         const int g_row = tid >> 2, g_blk = tid & 3;  // as the FMA kernel: one Philox block a step
         const long long g_s = row_s[g_row];
-        float z[4];    // this thread's normals of the step being staged, times 2^10
+        float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // this thread's normals of the step being staged, times 2^10
         float bq[BK];  // F_j^T rows c0..c0+15 of column n0 + tid, this thread's column of B
         const bool b_col_in = n0 + tid < d;
         const float* b_base = ft + tl.off * (long long)d + n0 + tid;
