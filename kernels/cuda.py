@@ -62,6 +62,7 @@ WIDE_SHAPES = {"64x256": SlotGemm("glag_slot_gemm_bn256", 64, 256, 256),
                "64x256tc": SlotGemm("glag_slot_gemm_tc_bn256", 64, 256, 256, tensor_cores=True)}
 NARROW_SHAPE = SlotGemm("glag_slot_gemm_bn64", 64, 64, 256)  # d < 256
 DEFAULT_WIDE = "64x256"
+FMA_WIDE = "64x256"  # the default where the default needs tensor cores and the GPU has none
 KERNELS = ("glag_plan_count", "glag_plan_tiles", "glag_plan_rows", NARROW_SHAPE.kernel,
            *(s.kernel for s in WIDE_SHAPES.values()), "glag_block_normals_kernel")
 
@@ -72,10 +73,15 @@ __all__ = ["is_available", "sample_cuda", "block_normals_cuda", "slot_gemm_shape
 def slot_gemm_shape(d: int, tile: str | None = None, capability: tuple[int, int] | None = None) -> SlotGemm:
     """The slot GEMM for feature dimension d: 64 x 64 below d = 256, else ``tile`` (one of
     :data:`WIDE_SHAPES`), else ``$GLAG_CUDA_TILE``, else :data:`DEFAULT_WIDE`. ``capability``: the
-    GPU's (major, minor); a tensor-core shape below 8.0 is an error."""
+    GPU's (major, minor); a tensor-core shape asked for below 8.0 is an error (a tensor-core
+    default gives way to :data:`FMA_WIDE` there)."""
     if d < 256:
         return NARROW_SHAPE
-    name = tile or os.environ.get(ENV_TILE) or DEFAULT_WIDE
+    name = tile or os.environ.get(ENV_TILE)
+    if not name:
+        default = WIDE_SHAPES[DEFAULT_WIDE]
+        too_old = default.tensor_cores and capability is not None and tuple(capability) < (8, 0)
+        return WIDE_SHAPES[FMA_WIDE] if too_old else default
     source = "the tile argument" if tile else ENV_TILE
     if name not in WIDE_SHAPES:
         raise ValueError(f"unknown CUDA tile shape {name!r} (from {source}); use one of {sorted(WIDE_SHAPES)}")
@@ -83,7 +89,7 @@ def slot_gemm_shape(d: int, tile: str | None = None, capability: tuple[int, int]
     if shape.tensor_cores and capability is not None and tuple(capability) < (8, 0):
         raise ValueError(f"CUDA tile shape {name!r} (from {source}) runs on tensor cores (mma.sync m16n8k16), which "
                          f"need compute capability 8.0 or later; this GPU has {capability[0]}.{capability[1]}: "
-                         f"use {DEFAULT_WIDE!r}")
+                         f"use {FMA_WIDE!r}")
     return shape
 
 

@@ -313,6 +313,11 @@ def test_slot_gemm_shape_choice(monkeypatch):
     too_old = r"'64x256tc' \(from the tile argument\).*tensor cores.*8\.0.*7\.5: use '64x256'"
     with pytest.raises(ValueError, match=too_old):
         kcuda.slot_gemm_shape(512, "64x256tc", capability=(7, 5))
+    monkeypatch.delenv(kcuda.ENV_TILE)
+    monkeypatch.setattr(kcuda, "DEFAULT_WIDE", "64x256tc")  # a tensor-core default gives way below 8.0
+    assert kcuda.slot_gemm_shape(512, capability=(9, 0)).tensor_cores
+    assert kcuda.slot_gemm_shape(512, capability=(7, 0)) == kcuda.WIDE_SHAPES[kcuda.FMA_WIDE]
+    assert not kcuda.WIDE_SHAPES[kcuda.FMA_WIDE].tensor_cores
 
 
 @pytest.mark.parametrize("seed,bm", [(s, 64) for s in range(5)] + [(s, 128) for s in range(2)])

@@ -479,8 +479,9 @@ def run_config(job: Job, args, backends, progress) -> dict:
             if b == "cuda" and job.d >= 256:  # the other block tiles, beside the default
                 from glag.kernels import cuda as kcuda
 
-                default = kcuda.slot_gemm_shape(job.d)
-                has_tc = torch.cuda.get_device_capability(device) >= (8, 0)
+                capability = torch.cuda.get_device_capability(device)
+                default = kcuda.slot_gemm_shape(job.d, capability=capability)
+                has_tc = capability >= (8, 0)
                 for tile, shape in kcuda.WIDE_SHAPES.items():
                     if shape != default and (has_tc or not shape.tensor_cores):
                         methods[f"glag-cuda-{tile}"] = make_glag(job, b, cuda_tile=tile)
