@@ -16,7 +16,8 @@
 //                       memory. Slot 0 writes x = mu' + e_s + its product (its epilogue draws the
 //                       dispersion noise), the later slots add theirs. Slots run one launch
 //                       after another, so each output element has one writer per launch: no
-//                       atomics on x.
+//                       atomics on x. The product runs on float32 FMAs (glag_slot_gemm) or, in
+//                       glag_slot_gemm_tc_bn256, on tensor cores to float32 accuracy (below).
 //
 // The RNG contract (the same in glag/kernels/reference.py and cpu.py):
 //   Philox4x32-10, key (seed lo, seed hi), counter (s, stream, j / 4, 0); stream = slot for the
