@@ -725,7 +725,10 @@ __device__ __forceinline__ void glag_slot_gemm_tc(const float* __restrict__ ft, 
 //   bn256_t128:  64 x 256, BK 8, 128 threads, d >= 256; 8 x 16 outputs a thread as bm128_bn256,
 //                in two blocks an SM, over bn256's 64-row tiles.
 //   tc_bn256:    64 x 256 on tensor cores (float16 pieces, float32 accuracy; sm_80 and later),
-//                the tiles and plan of bn256; one more argument, bscale.
+//                the tiles and plan of bn256; one more argument, bscale. Two blocks an SM under a
+//                128-register cap: its MMAs run two chains at a time a warp.
+//   tc_bn256_r1: the same code, one block an SM and no cap (226 registers): four to six chains a
+//                warp, eight warps an SM. Which hides the MMAs' latency better is for a GPU to tell.
 // No spills with NVRTC for sm_80 and sm_90.
 extern "C" __global__ void __launch_bounds__(256, 2) glag_slot_gemm_bn256(GLAG_SLOT_GEMM_ARGS) {
     glag_slot_gemm<64, 256, 16, 256>(GLAG_SLOT_GEMM_CALL);
@@ -745,6 +748,11 @@ extern "C" __global__ void __launch_bounds__(128, 2) glag_slot_gemm_bn256_t128(G
 
 extern "C" __global__ void __launch_bounds__(256, 2) glag_slot_gemm_tc_bn256(GLAG_SLOT_GEMM_ARGS,
                                                                             const float* __restrict__ bscale) {
+    glag_slot_gemm_tc(GLAG_SLOT_GEMM_CALL, bscale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) glag_slot_gemm_tc_bn256_r1(GLAG_SLOT_GEMM_ARGS,
+                                                                               const float* __restrict__ bscale) {
     glag_slot_gemm_tc(GLAG_SLOT_GEMM_CALL, bscale);
 }
 

@@ -55,11 +55,13 @@ class SlotGemm(NamedTuple):
 #   instructions a K step in their SASS; the same samples bit for bit;
 #   "64x256tc": the default's tiles on tensor cores (mma.sync, float16 pieces, three products a
 #   product: float32 accuracy, not the same bits), 601 instructions a thread a K step in its SASS
-#   against the default's 1,637.
+#   against the default's 1,637, two blocks an SM; "64x256tc1": the same, one block an SM with
+#   226 registers (573 instructions, more MMA chains in flight a warp).
 WIDE_SHAPES = {"64x256": SlotGemm("glag_slot_gemm_bn256", 64, 256, 256),
                "128x256": SlotGemm("glag_slot_gemm_bm128_bn256", 128, 256, 256),
                "64x256t128": SlotGemm("glag_slot_gemm_bn256_t128", 64, 256, 128),
-               "64x256tc": SlotGemm("glag_slot_gemm_tc_bn256", 64, 256, 256, tensor_cores=True)}
+               "64x256tc": SlotGemm("glag_slot_gemm_tc_bn256", 64, 256, 256, tensor_cores=True),
+               "64x256tc1": SlotGemm("glag_slot_gemm_tc_bn256_r1", 64, 256, 256, tensor_cores=True)}
 NARROW_SHAPE = SlotGemm("glag_slot_gemm_bn64", 64, 64, 256)  # d < 256
 DEFAULT_WIDE = "64x256"
 FMA_WIDE = "64x256"  # the default where the default needs tensor cores and the GPU has none

@@ -145,13 +145,16 @@ extern "C" int emu_slot_gemm(const char* kernel_name, unsigned int nt, long long
                   : name == "glag_slot_gemm_bm128_bn256" ? glag_slot_gemm_bm128_bn256
                   : name == "glag_slot_gemm_bn256_t128"  ? glag_slot_gemm_bn256_t128
                                                          : nullptr;
-    const bool tc = name == "glag_slot_gemm_tc_bn256";
+    auto tc_kernel = name == "glag_slot_gemm_tc_bn256"      ? glag_slot_gemm_tc_bn256
+                     : name == "glag_slot_gemm_tc_bn256_r1" ? glag_slot_gemm_tc_bn256_r1
+                                                            : nullptr;
+    const bool tc = tc_kernel != nullptr;
     if (kernel == nullptr && !tc) return -1;
     const unsigned int bn = name == "glag_slot_gemm_bn64" ? 64 : 256;
     emu_launch((unsigned int)n_tiles, (unsigned int)((d + bn - 1) / bn), [&] {
         if (tc)
-            glag_slot_gemm_tc_bn256(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha,
-                                    diag, vec, x, bscale);
+            tc_kernel(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x,
+                      bscale);
         else
             kernel(ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x);
     }, nt);
@@ -305,7 +308,7 @@ def test_slot_gemm_shape_choice(monkeypatch):
     assert kcuda.slot_gemm_shape(2048).bm == 128
     assert kcuda.slot_gemm_shape(2048, "64x256").bm == 64
     monkeypatch.setenv(kcuda.ENV_TILE, "96x256")
-    valid = r"'128x256', '64x256', '64x256t128', '64x256tc'"
+    valid = r"'128x256', '64x256', '64x256t128', '64x256tc', '64x256tc1'"
     with pytest.raises(ValueError, match=r"'96x256' \(from GLAG_CUDA_TILE\).*" + valid):
         kcuda.slot_gemm_shape(512)
     assert kcuda.slot_gemm_shape(512, "64x256tc", capability=(9, 0)).tensor_cores
