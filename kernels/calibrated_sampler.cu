@@ -291,6 +291,14 @@ __device__ __forceinline__ glag_tile glag_tile_setup(const long long* __restrict
     return t;
 }
 
+// The slot GEMMs' arguments (glag_slot_gemm below has them in words).
+#define GLAG_SLOT_GEMM_ARGS                                                                               \
+    const float *__restrict__ ft, const long long *__restrict__ offsets, const long long *__restrict__ rows, \
+        const long long *__restrict__ row_seed, const long long *__restrict__ tiles,                      \
+        const float *__restrict__ weights, const float *__restrict__ mu, int k, int slot, int d,          \
+        unsigned int k0, unsigned int k1, float sqrt_alpha, int diag, int vec, float *__restrict__ x
+#define GLAG_SLOT_GEMM_CALL ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x
+
 // ---------------------------------------------------------------- pieces both slot GEMMs share
 // The 4 normals of Philox block cb / 4 of factor `slot` for sample s, times `scale`, zero past r
 // and zero for a padding row (s < 0). Always drawn, then masked: with no branch a K step is one
@@ -400,13 +408,7 @@ __device__ __forceinline__ void glag_store4(float* __restrict__ xr, const float*
 // block (c0 / 4 + g_blk) of its row, times sqrt(w): one Philox call per thread per step, stored
 // in A^T (shared); B holds F_j^T's rows of the step (glag_k_steps).
 template <int BM, int BN, int BK, int NT>
-__device__ __forceinline__ void glag_slot_gemm(const float* __restrict__ ft, const long long* __restrict__ offsets,
-                                               const long long* __restrict__ rows,
-                                               const long long* __restrict__ row_seed,
-                                               const long long* __restrict__ tiles,
-                                               const float* __restrict__ weights, const float* __restrict__ mu,
-                                               int k, int slot, int d, unsigned int k0, unsigned int k1,
-                                               float sqrt_alpha, int diag, int vec, float* __restrict__ x) {
+__device__ __forceinline__ void glag_slot_gemm(GLAG_SLOT_GEMM_ARGS) {
     static_assert(BM * BK == 4 * NT && (BK == 16 || BK == 8), "one Philox block a thread a step");
     static_assert(NT >= BM && NT % 16 == 0 && (16 * BM) % NT == 0 && BN % 64 == 0, "a thread a row in the set-up");
     constexpr int TM = 16 * BM / NT, NV = BN / 64, TN = 4 * NV, APAD = BM + 4;
@@ -589,14 +591,7 @@ __device__ __forceinline__ uint4 glag_split4(float v0, float v1, float v2, float
 }
 
 //   bscale: (C,) float32, s_j (see above); the other arguments as in glag_slot_gemm.
-__device__ __forceinline__ void glag_slot_gemm_tc(const float* __restrict__ ft, const long long* __restrict__ offsets,
-                                                  const long long* __restrict__ rows,
-                                                  const long long* __restrict__ row_seed,
-                                                  const long long* __restrict__ tiles,
-                                                  const float* __restrict__ weights, const float* __restrict__ mu,
-                                                  int k, int slot, int d, unsigned int k0, unsigned int k1,
-                                                  float sqrt_alpha, int diag, int vec, float* __restrict__ x,
-                                                  const float* __restrict__ bscale) {
+__device__ __forceinline__ void glag_slot_gemm_tc(GLAG_SLOT_GEMM_ARGS, const float* __restrict__ bscale) {
     constexpr int BM = 64, BN = 256, BK = 16, MT = 2, NTL = 8;  // 256 threads; MT x NTL MMA tiles a warp
     constexpr float A_SCALE = 1024.0f, A_UNSCALE = 1.0f / 1024.0f;
     // A: 16-byte fragments, hi and lo planes: row r = 16 i + 8 h + gg, group q -> fragment (8 i + gg) * 4 + q,
@@ -707,12 +702,6 @@ __device__ __forceinline__ void glag_slot_gemm_tc(const float* __restrict__ ft, 
     }
 }
 
-#define GLAG_SLOT_GEMM_ARGS                                                                               \
-    const float *__restrict__ ft, const long long *__restrict__ offsets, const long long *__restrict__ rows, \
-        const long long *__restrict__ row_seed, const long long *__restrict__ tiles,                      \
-        const float *__restrict__ weights, const float *__restrict__ mu, int k, int slot, int d,          \
-        unsigned int k0, unsigned int k1, float sqrt_alpha, int diag, int vec, float *__restrict__ x
-#define GLAG_SLOT_GEMM_CALL ft, offsets, rows, row_seed, tiles, weights, mu, k, slot, d, k0, k1, sqrt_alpha, diag, vec, x
 
 // The slot GEMM's shapes, BM x BN a block (glag/kernels/cuda.py ``slot_gemm_shape`` picks one):
 //   bn64:        64 x 64, BK 16, 256 threads, d < 256; a 64-register cap keeps four blocks an SM.
