@@ -30,10 +30,10 @@ samples each (8.1 M samples, 67 GB if materialised). Stage two then runs like th
 Memory is planned up front (:class:`StreamPlan`): what stays resident (bank, tail seeds,
 classifier with its gradient and momentum, means, index arrays) plus the process as it stands
 (``VmRSS``) is subtracted from the budget, and the block, piece and evaluation sizes are cut
-from the rest, rounded down to a multiple of budget / 32 (so that the few MiB by which a process's
-start-up memory varies between two runs of one command rarely change a size, and with it the
-order of an epoch's samples). A budget below the resident minimum is reported (a warning, with the minimum)
-and the run goes on with the smallest blocks.
+from the rest, rounded down to a multiple of budget / 32 (so that the few MiB by which a
+process's start-up memory varies between two runs of one command rarely change a size, and with
+it the order of an epoch's samples). A budget below the resident minimum is reported (a warning,
+with the minimum) and the run goes on with the smallest blocks.
 """
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ groups into tiles of BM rows (``glag_plan_count``, ``glag_plan_tiles``, ``glag_p
 one ``glag_slot_gemm_*`` launch a slot, of the tile shape :func:`slot_gemm_shape` picks. Slot 0
 writes ``x = mu' + e + its product``, the later slots add theirs. Each GEMM's grid is an upper
 bound on its tile count (:func:`tile_bound`), and the blocks past the last tile return at once.
-The tensor-core tile also gets the class scales (:func:`class_scales`). A call launches about ten kernels (it was over a
-hundred torch ops when the grouping was done in torch, and the host time to launch them was
-longer than the GPU's work at CIFAR-100-LT size).
+The tensor-core tiles also get the class scales (:func:`class_scales`). A call launches about ten
+kernels (it was over a hundred torch ops when the grouping was done in torch, and the host time to
+launch them was longer than the GPU's work at CIFAR-100-LT size).
 """
 from __future__ import annotations
 
@@ -95,8 +95,9 @@ def slot_gemm_shape(d: int, tile: str | None = None, capability: tuple[int, int]
     return shape
 
 
-# max |F_j| s_j lands in [2^CLASS_SCALE_TOP - 1, 2^CLASS_SCALE_TOP): float16 holds the split
-# operands at full precision (2^-14 .. 65504) and s_j 2^10 stays a normal float32
+# max |F_j| s_j lands in [2^(CLASS_SCALE_TOP - 1), 2^CLASS_SCALE_TOP): float16 holds the split
+# operands at full precision (2^-14 .. 65504); with |log2 s_j| <= CLASS_SCALE_EXP the epilogue's
+# 2^-10 / s_j stays a normal float32
 CLASS_SCALE_TOP = 14
 CLASS_SCALE_EXP = 100  # |log2 s_j| at most
 

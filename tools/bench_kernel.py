@@ -27,7 +27,7 @@ amount of work, and times on the same job:
                     call, whose pages the OS must map and zero each time; ``glag-cuda-<BMxBN>``
                     (GPU, d >= 256): the cuda backend with each block tile other than its default
                     (``GLAG_CUDA_TILE``, :func:`glag.kernels.cuda.slot_gemm_shape`; the
-                    tensor-core tile ``64x256tc`` on compute capability 8.0 and later);
+                    tensor-core tiles ``64x256tc*`` on compute capability 8.0 and later);
 * ``gemm-*``        this machine's float32 GEMM rate on exactly the (rows x r_j) @ (r_j x d)
                     products of the job: whole groups in torch (``gemm-torch``; on a GPU also
                     replayed from a CUDA graph, ``gemm-torch-graph``) and numpy (``gemm-numpy``),
