@@ -745,6 +745,23 @@ extern "C" __global__ void __launch_bounds__(256, 1) glag_slot_gemm_tc_bn256_r1(
     glag_slot_gemm_tc(GLAG_SLOT_GEMM_CALL, bscale);
 }
 
+// Test hooks of the tensor-core pieces (one warp): d[lane] = the fragment of A B (A 16 x 16 and
+// B 16 x 8 as float16 pairs in the PTX fragment layout, a[lane][4], b[lane][2]); and
+// split[i] = glag_split4(v[4 i .. 4 i + 3]) for i < n.
+extern "C" __global__ void glag_mma_probe_kernel(const unsigned int* __restrict__ a, const unsigned int* __restrict__ b,
+                                                 float* __restrict__ d) {
+    const int lane = threadIdx.x & 31;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    glag_mma_f16(acc, a + 4 * lane, b + 2 * lane);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) d[4 * lane + q] = acc[q];
+}
+
+extern "C" __global__ void glag_split4_kernel(const float* __restrict__ v, long long n, uint4* __restrict__ split) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) split[i] = glag_split4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
 // Test hook: the normals of blocks (samples[i], stream, blocks[i], 0) -> out[i, 0..3].
 extern "C" __global__ void glag_block_normals_kernel(const long long* __restrict__ samples,
                                                      const long long* __restrict__ blocks, long long n,

@@ -66,7 +66,8 @@ NARROW_SHAPE = SlotGemm("glag_slot_gemm_bn64", 64, 64, 256)  # d < 256
 DEFAULT_WIDE = "64x256"
 FMA_WIDE = "64x256"  # the default where the default needs tensor cores and the GPU has none
 KERNELS = ("glag_plan_count", "glag_plan_tiles", "glag_plan_rows", NARROW_SHAPE.kernel,
-           *(s.kernel for s in WIDE_SHAPES.values()), "glag_block_normals_kernel")
+           *(s.kernel for s in WIDE_SHAPES.values()), "glag_block_normals_kernel", "glag_mma_probe_kernel",
+           "glag_split4_kernel")
 
 __all__ = ["is_available", "sample_cuda", "block_normals_cuda", "slot_gemm_shape", "class_scales", "tile_bound",
            "SOURCE"]

@@ -125,6 +125,12 @@ template <class F> static void emu_launch(unsigned int gx, unsigned int gy, F bo
             for (auto& th : threads) th.join();
         }
 }
+extern "C" void emu_mma_probe(const unsigned int* a, const unsigned int* b, float* d) {
+    emu_launch(1, 1, [&] { glag_mma_probe_kernel(a, b, d); }, 32);
+}
+extern "C" void emu_split4(const float* v, long long n, uint4* split) {
+    emu_launch((unsigned int)((n + 63) / 64), 1, [&] { glag_split4_kernel(v, n, split); }, 64);
+}
 extern "C" void emu_plan(const long long* support, const long long* counts, const long long* ends, long long m,
                          int k, const long long* offsets, int n_classes, long long n, long long bound,
                          int bm, unsigned long long* hist, unsigned long long* cursor, long long* tiles,
@@ -285,6 +291,74 @@ def test_cuda_tensor_core_shape_emulated_keeps_float32_accuracy_at_any_scale(emu
     assert (x - xr).abs().max() / xr.abs().max() <= 1e-5
 
 
+def _mma_fragments(A, B):
+    """A (16, 16), B (16, 8) -> the lanes' registers of mma.m16n8k16 with .f16 inputs (PTX ISA,
+    "Matrix fragments for mma.m16n8k16"): lane = 4 g + t; a_r = A[g + 8 (r % 2), k..k+1] with
+    k = 2 (t + 4 (r // 2)), b_r = B[k..k+1, g] with k = 2 (t + 4 r); the lower k in the low half.
+    Returns a (32, 4) and b (32, 2) uint32."""
+    def pair(x0, x1):
+        return int(np.float16(x0).view(np.uint16)) | (int(np.float16(x1).view(np.uint16)) << 16)
+
+    a, b = np.zeros((32, 4), np.uint32), np.zeros((32, 2), np.uint32)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for r in range(4):
+            row, k = g + 8 * (r % 2), 2 * (t + 4 * (r // 2))
+            a[lane, r] = pair(A[row, k], A[row, k + 1])
+        for r in range(2):
+            k = 2 * (t + 4 * r)
+            b[lane, r] = pair(B[k, g], B[k + 1, g])
+    return a, b
+
+
+def _mma_product(d):
+    """(32, 4) accumulator registers -> D (16, 8): d_r of lane 4 g + t is D[g + 8 (r // 2), 2 t + r % 2]."""
+    out = np.zeros((16, 8), np.float32)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for r in range(4):
+            out[g + 8 * (r // 2), 2 * t + r % 2] = d[lane, r]
+    return out
+
+
+def _mma_case(seed=0):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((16, 16)).astype(np.float16)
+    B = (rng.standard_normal((16, 8)) * 100).astype(np.float16)
+    return A, B, A.astype(np.float64) @ B.astype(np.float64)
+
+
+def _split_case(seed=0):
+    """Floats over float16's whole normal range and both signs, and their float16 split."""
+    rng = np.random.default_rng(seed)
+    v = (rng.choice([-1.0, 1.0], 4096) * 2.0 ** rng.uniform(-10, 14, 4096)).astype(np.float32)
+    v[:4] = [0.0, 1.0, -0.5, 2.0**14 - 1.0]
+    hi = v.astype(np.float16)
+    lo = (v - hi.astype(np.float32)).astype(np.float16)
+    bits = lambda h: h.view(np.uint16).astype(np.uint32).reshape(-1, 2)  # noqa: E731  (pairs, c0 low)
+    expect = np.stack([bits(hi)[:, 0] | bits(hi)[:, 1] << 16, bits(lo)[:, 0] | bits(lo)[:, 1] << 16], 1)
+    # per group of 4: (hi c0 c1, hi c2 c3, lo c0 c1, lo c2 c3)
+    expect = expect.reshape(-1, 2, 2).transpose(0, 2, 1).reshape(-1, 4)
+    return v, expect
+
+
+def test_mma_probe_emulated_matches_the_fragment_layout(emulator):
+    """One mma.sync m16n8k16 (emulated), fragments packed by the PTX layout above: D = A B. On a
+    GPU the same test (test_mma_probe_on_gpu) checks that layout against the hardware."""
+    A, B, ref = _mma_case()
+    a, b = _mma_fragments(A, B)
+    d = np.zeros((32, 4), np.float32)
+    emulator.emu_mma_probe(_ptr(a), _ptr(b), _ptr(d))
+    np.testing.assert_allclose(_mma_product(d), ref, rtol=1e-6, atol=1e-4)
+
+
+def test_split4_emulated_is_float16_nearest_even(emulator):
+    v, expect = _split_case()
+    out = np.zeros((len(v) // 4, 4), np.uint32)
+    emulator.emu_split4(_ptr(v), ctypes.c_longlong(len(v) // 4), _ptr(out))
+    np.testing.assert_array_equal(out, expect)
+
+
 def test_class_scales_put_each_factor_top_in_float16_range():
     """s_j is a power of two with max |F_j| s_j in [2^13, 2^14); 1 for a class of rank 0, zero or
     non-finite factors; clamped to 2^+-100; rows past offsets[-1] (the k = 0 placeholder) ignored."""
@@ -385,6 +459,37 @@ def test_cuda_matches_reference(monkeypatch, d, tile, k, mode, alpha):
     xr, yr = sample_calibrated(bank, mu, support, w, counts, labels, alpha, mode, 7, backend="torch")
     assert x.is_cuda and y.is_cuda and torch.equal(y.cpu(), yr)
     assert (x.cpu() - xr).abs().max() / xr.abs().max() <= 1e-5
+
+
+def _run_probe(name, grid, block, *args):
+    kern = kcuda._kernels(torch.cuda.current_device())[name]
+    kern(grid, block, tuple(kcuda._cp(a) if isinstance(a, torch.Tensor) else a for a in args))
+    torch.cuda.synchronize()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.skipif(_OK and torch.cuda.get_device_capability() < (8, 0), reason="mma.sync m16n8k16 needs sm_80")
+def test_mma_probe_on_gpu():
+    """The tensor cores agree with the fragment layout the kernel and the emulator assume: one
+    mma.sync with fragments packed by _mma_fragments gives A B (a failure here, with the kernel
+    tests failing too, points at the layout, not the kernel)."""
+    A, B, ref = _mma_case()
+    a, b = (torch.from_numpy(x.view(np.int32)).cuda() for x in _mma_fragments(A, B))
+    d = torch.zeros((32, 4), dtype=torch.float32, device="cuda")
+    _run_probe("glag_mma_probe_kernel", (1,), (32,), a, b, d)
+    np.testing.assert_allclose(_mma_product(d.cpu().numpy()), ref, rtol=1e-6, atol=1e-4)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.skipif(_OK and torch.cuda.get_device_capability() < (8, 0), reason="cvt.rn.f16.f32 needs sm_80 here")
+def test_split4_on_gpu_is_float16_nearest_even():
+    v, expect = _split_case()
+    n = len(v) // 4
+    out = torch.zeros((n, 4), dtype=torch.int32, device="cuda")
+    _run_probe("glag_split4_kernel", ((n + 255) // 256,), (256,), torch.from_numpy(v).cuda(), np.int64(n), out)
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint32), expect)
 
 
 @gpu
