@@ -117,15 +117,23 @@ class FactorBank:
         """``F_j`` (d, r_j), a view into :attr:`data`."""
         return self.data[:, int(self.offsets[j]):int(self.offsets[j + 1])]
 
+    def _cached(self, kind: str, device: torch.device, make):
+        """``make()``, kept per (kind, device) while :attr:`data` is unchanged (same storage and
+        version); a stale entry of that kind and device is dropped when made again."""
+        key = (kind, str(device), self.data.data_ptr(), self.data._version)
+        hit = self._cache.get(key)
+        if hit is None:
+            for old in [k_ for k_ in self._cache if k_[:2] == key[:2]]:
+                del self._cache[old]  # data changed: drop the stale copy
+            hit = self._cache[key] = make()
+        return hit
+
     def transposed_padded(self, device: torch.device | str, multiple: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """(R', d) float32 ``data^T`` with each block padded by zero rows to a multiple, and its
         (C+1,) int64 offsets (CPU); cached. The numba kernel draws whole Philox blocks of 4."""
         device = torch.device(device)
-        key = ("T%d" % multiple, str(device), self.data.data_ptr(), self.data._version)
-        hit = self._cache.get(key)
-        if hit is None:
-            for old in [k_ for k_ in self._cache if k_[:2] == key[:2]]:
-                del self._cache[old]
+
+        def make():
             ranks = self.ranks
             padded = (ranks + multiple - 1) // multiple * multiple
             offsets = torch.zeros_like(self.offsets)
@@ -134,9 +142,9 @@ class FactorBank:
                     + torch.arange(int(self.offsets[-1])))
             out = torch.zeros((int(offsets[-1]), self.dim), dtype=torch.float32, device=device)
             out[dest.to(device)] = self.data.detach().to(device=device, dtype=torch.float32).t()
-            hit = (out, offsets)
-            self._cache[key] = hit
-        return hit
+            return out, offsets
+
+        return self._cached("T%d" % multiple, device, make)
 
     def offsets_on(self, device: torch.device | str) -> torch.Tensor:
         """(C+1,) int64 :attr:`offsets` on ``device``, cached (the GPU kernels read them there)."""
@@ -155,14 +163,17 @@ class FactorBank:
         The kernels read ``F_j^T`` row by row; made once per bank and device (memory R d).
         """
         device = torch.device(device)
-        key = ("T", str(device), self.data.data_ptr(), self.data._version)
-        hit = self._cache.get(key)
-        if hit is None:
-            for old in [k_ for k_ in self._cache if k_[:2] == key[:2]]:
-                del self._cache[old]  # data changed: drop the stale copy
-            hit = self.data.detach().to(device=device, dtype=torch.float32).t().contiguous()
-            self._cache[key] = hit
-        return hit
+        return self._cached("T", device,
+                            lambda: self.data.detach().to(device=device, dtype=torch.float32).t().contiguous())
+
+    def class_scales_on(self, device: torch.device | str) -> torch.Tensor:
+        """(C,) float32 :func:`glag.kernels.cuda.class_scales` of this bank on ``device``, cached:
+        the power of two each factor is scaled by in the tensor-core CUDA kernels (one pass over
+        the bank, made once per bank and device rather than once a call)."""
+        from .kernels.cuda import class_scales
+
+        device = torch.device(device)
+        return self._cached("S", device, lambda: class_scales(self.transposed(device), self.offsets_on(device)))
 
 
 def class_factor(x: torch.Tensor) -> torch.Tensor:
@@ -391,7 +402,8 @@ def sample_calibrated(
 
         x = out if direct else torch.empty((n_total, d), dtype=torch.float32, device=run_dev)
 
-        cuda_backend.sample_cuda(bank.transposed(run_dev), bank.offsets_on(run_dev), mu_r, sup_r, w_r, cnt_r, x, **args)
+        cuda_backend.sample_cuda(bank.transposed(run_dev), bank.offsets_on(run_dev), mu_r, sup_r, w_r, cnt_r, x, **args,
+                                 scales=lambda: bank.class_scales_on(run_dev))
     if out is not None:
         return (out if direct else out.copy_(x)), y
     return x.to(device), y

@@ -267,6 +267,7 @@ def sample_cuda(
     mode: str = "all",
     seed: int = 0,
     tile: str | None = None,
+    scales=None,
 ) -> None:
     """Fill ``out`` (N, d) float32 on the GPU with calibrated samples (METHOD.md, low-rank sampling).
 
@@ -279,6 +280,9 @@ def sample_cuda(
         alpha, mode, seed: as in :func:`glag.sampling.sample_calibrated`.
         tile: the block tile at d >= 256 (:func:`slot_gemm_shape`); the samples are the same
             for every shape, to float rounding (bit for bit between the float32 FMA shapes).
+        scales: for the tensor-core tiles, :func:`class_scales` of the bank (a (C,) float32 CUDA
+            tensor, or a function returning it, called only when needed; e.g. a cached
+            :meth:`glag.sampling.FactorBank.class_scales_on`); None: computed here.
     """
     device = mu.device
     m, d = mu.shape
@@ -287,10 +291,14 @@ def sample_cuda(
     offsets = offsets.to(device=device, dtype=torch.int64).contiguous()
     if support.shape[1] == 0:
         support, weights, offsets = placeholder_slot(m, device)
+        scales = None  # the placeholder's one class, of rank 0
     k = support.shape[1]
     shape = slot_gemm_shape(d, tile, torch.cuda.get_device_capability(device))
     rows, row_seed, tiles = plan_cuda(support, counts, offsets, n_total, shape.bm)
-    extra = (_cp(class_scales(bank_t, offsets)),) if shape.tensor_cores else ()
+    extra = ()
+    if shape.tensor_cores:
+        scales = scales() if callable(scales) else scales
+        extra = (_cp(scales if scales is not None else class_scales(bank_t, offsets)),)
     bn = shape.bn
     gemm = _kernels(_device_index(device))[shape.kernel]
     vec = d % 4 == 0 and out.data_ptr() % 16 == 0 and mu.data_ptr() % 16 == 0  # float4 epilogue

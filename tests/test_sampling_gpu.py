@@ -596,3 +596,17 @@ def test_cuda_out_buffer_in_place_and_across_devices():
     cpu_out = torch.empty(n, 40)
     xc, _ = sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "diag", 4, backend="cuda", out=cpu_out)
     assert xc.data_ptr() == cpu_out.data_ptr() and torch.equal(xc, x.cpu())
+
+
+def test_bank_class_scales_are_cached_until_the_factors_change():
+    """FactorBank.class_scales_on (what sample_calibrated hands the tensor-core kernels): the
+    scales of kernels/cuda.py class_scales, made once per bank and device, made again (not served
+    stale) after the factors change in place."""
+    bank, *_ = _problem(40, ns=(1, 6, 17, 50), m=2, k=2, counts=[1, 1])
+    s = bank.class_scales_on("cpu")
+    assert torch.equal(s, kcuda.class_scales(bank.transposed("cpu"), bank.offsets))
+    assert bank.class_scales_on("cpu") is s
+    bank.data.mul_(1024.0)
+    s2 = bank.class_scales_on("cpu")
+    assert s2 is not s and torch.equal(s2, kcuda.class_scales(bank.transposed("cpu"), bank.offsets))
+    assert torch.equal(torch.where(bank.ranks > 0, s2 * 1024, s2), s)  # factors 2^10 larger: scales 2^-10
