@@ -611,6 +611,9 @@ def find_support_bruteforce(
 # --------------------------------------------------------------------------------------------
 # Step 5: weights, calibrated mean, (dense oracle) calibrated covariance
 # --------------------------------------------------------------------------------------------
+WEIGHT_MODES = ("size_over_distance", "uniform")  # support_weights' modes (--weights)
+
+
 def support_weights(
     dist2: ArrayLike,
     support: ArrayLike,
@@ -644,8 +647,8 @@ def support_weights(
     m, k = support.shape
     if mode == "uniform":
         return torch.full((m, k), 1.0 / k, dtype=torch.float32, device=support.device)
-    if mode != "size_over_distance":
-        raise ValueError(f"support_weights: mode must be 'size_over_distance' or 'uniform', got {mode!r}")
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"support_weights: mode must be one of {WEIGHT_MODES}, got {mode!r}")
     d = torch.as_tensor(dist2, device=support.device).to(torch.float64)
     if d.shape != support.shape:
         raise ValueError(f"support_weights: dist2 {tuple(d.shape)} and support {tuple(support.shape)} differ")

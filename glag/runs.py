@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import RunExistsError, UsageError
+from .options import flag
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epoc
                     current[k], saved[k])
     diff = [k for k in diff if k not in warn]
     if diff:
-        details = "; ".join(f"--{k.replace('_', '-')}: {saved[k]!r} in the run, {current[k]!r} now" for k in diff)
+        details = "; ".join(f"{flag(k)}: {saved[k]!r} in the run, {current[k]!r} now" for k in diff)
         raise UsageError(f"{where} was started with other options ({details}). " + (
             fix or "Resume with the run's own options (--resume alone reads them from the run's config.json) or "
                    "choose another --out"))

@@ -50,7 +50,7 @@ from .optim import MomentumSGD
 from .options import check_ranges
 from .runs import (RunDir, atomic_torch_save, atomic_write_bytes, atomic_write_json, check_resume_options,
                    continue_epochs, seed_everything)
-from .sampling import sample_calibrated
+from .sampling import MODES, sample_calibrated
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,7 @@ class Stage2Config:
                 values["omega_init"] = values["omega_grid"][0]
         if not isinstance(values["omega_init"], str) and not 0.0 <= values["omega_init"] <= 1.0:
             raise UsageError(f"--omega-init must lie in [0, 1], got {values['omega_init']}")
-        if values["weights"] not in ("uniform", "size_over_distance"):
-            raise UsageError(f"unknown --weights {values['weights']!r}; choose uniform or size_over_distance")
-        if values["alpha_mode"] not in ("all", "diag"):
-            raise UsageError(f"unknown --alpha-mode {values['alpha_mode']!r}; choose all or diag")
+        check_ranges(values, choices={"weights": afg.WEIGHT_MODES})  # unset until the preset fills it in
         if values["max_memory"] is not None:
             values["max_memory"] = streaming.parse_bytes(values["max_memory"])
         return Stage2Config(**values)
@@ -157,7 +154,7 @@ _RANGES = dict(
         "kd_alpha": (0.0, True, math.inf, False), "kd_beta": (0.0, True, math.inf, False),
         "omega_step": (0.0, True, 1.0, True), "omega_margin": (0.0, True, math.inf, False),
         "tukey_lambda": (0.0, False, math.inf, False), "alpha": (0.0, True, math.inf, False)},
-    choices={"omega_reference": afg.AdaptiveOmega.REFERENCES, "kd_schedule": SCHEDULES},
+    choices={"omega_reference": afg.AdaptiveOmega.REFERENCES, "kd_schedule": SCHEDULES, "alpha_mode": MODES},
     unset_ok={"n_max", "omega_workers", "stream_block_rows", "max_steps_per_epoch", "threads"},
 )
 

@@ -65,7 +65,9 @@ def test_presets_resolve_as_documented():
     assert Stage2Config(method="glag", omega_init="0.4").resolved().omega_init == 0.4
     for bad, match in ((dict(omega_init="best"), "number in \\[0, 1\\] or 'auto'"),
                        (dict(omega_init=1.5), "must lie in \\[0, 1\\]"),
-                       (dict(omega_grid=()), "one or more values"), (dict(omega_grid=(0.2, -0.1)), "one or more values")):
+                       (dict(omega_grid=()), "one or more values"), (dict(omega_grid=(0.2, -0.1)), "one or more values"),
+                       (dict(weights="nearest"), "--weights must be one of size_over_distance, uniform, got 'nearest'"),
+                       (dict(alpha_mode="full"), "--alpha-mode must be one of all, diag, got 'full'")):
         with pytest.raises(ValueError, match=match):
             Stage2Config(method="glag", **bad).resolved()
     # an explicit value beats the preset

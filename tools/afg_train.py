@@ -58,6 +58,8 @@ def _bytes(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from glag.afg import WEIGHT_MODES, AdaptiveOmega
+    from glag.sampling import MODES
     from glag.stage2 import METHODS
 
     p = argparse.ArgumentParser(prog="glag-afg-train", description=__doc__,
@@ -75,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generate", type=_bool, metavar="BOOL", help="top classes up with generated samples")
     g.add_argument("--tukey-lambda", type=float, default=0.5, help="λ of x^λ; 1 disables (default: %(default)s)")
     g.add_argument("--k", type=int, default=2, help="support classes per tail sample (default: %(default)s)")
-    g.add_argument("--weights", choices=("size_over_distance", "uniform"),
+    g.add_argument("--weights", choices=WEIGHT_MODES,
                    help="support-class weights: n_i/d_i normalised (AFG) or 1/k (DC)")
     g.add_argument("--alpha", type=float, default=0.0, help="dispersion α added to Σ' (default: %(default)s)")
-    g.add_argument("--alpha-mode", default="diag", choices=("diag", "all"),
+    g.add_argument("--alpha-mode", default="diag", choices=MODES,
                    help="diag: α·I; all: α on every entry, as DC does (default: %(default)s)")
     g.add_argument("--head-threshold", type=int, default=100,
                    help="head (support) classes have more training images than this (default: %(default)s)")
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--omega-step", type=float, default=0.05,
                    help="how far a tail class's ω moves after an epoch: up when its val accuracy rose above the "
                         "reference, down when it fell below; ω stays in [0, 1] (default: %(default)s)")
-    g.add_argument("--omega-reference", default="best", choices=("best", "ema", "last"),
+    g.add_argument("--omega-reference", default="best", choices=AdaptiveOmega.REFERENCES,
                    help="ω moves when val accuracy beats / falls below this reference (default: %(default)s)")
     g.add_argument("--omega-margin", type=float, default=0.0,
                    help="dead band around the reference, as a fraction (default: %(default)s)")
