@@ -33,7 +33,7 @@ from .data.base import shard_split
 from .errors import UsageError
 from .features import FeatureFileError, FeatureWriter, open_features, sha256_file
 from .inference import iterate_outputs
-from .options import check_ranges
+from .options import check_ranges, flag
 from .stage1 import (Stage1Config, check_same_samples, dataset_from_config, load_checkpoint,
                      model_from_checkpoint)
 
@@ -193,8 +193,7 @@ def _move_list_files(cfg_dict: dict, image_root) -> None:
         except ValueError:  # another drive
             continue
         if moved.is_file():
-            log.info("--%s %s is gone; reading %s, at the same place relative to --data-root",
-                     key.replace("_", "-"), name, moved)
+            log.info("%s %s is gone; reading %s, at the same place relative to --data-root", flag(key), name, moved)
             cfg_dict[key] = str(moved)
 
 
