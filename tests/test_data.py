@@ -141,6 +141,13 @@ def test_lt_profile_edges():
     assert lt_profile(1, 9, 100) == [9]
     with pytest.raises(ValueError):
         lt_profile(10, 500, 0.5)
+    for args, msg in [((10, 500, 0.5), r"--imbalance-factor must be a number in \[1, inf\), got 0.5"),
+                      ((10, 500, float("nan")), "--imbalance-factor must be a number in .* got nan"),
+                      ((10, 0, 10), "--n-max must be an integer >= 1, got 0"),
+                      ((10, 50.5, 10), "--n-max must be an integer >= 1, got 50.5"),
+                      ((0, 500, 10), "--num-classes must be an integer >= 1, got 0")]:
+        with pytest.raises(UsageError, match=msg):
+            lt_profile(*args)
 
 
 def test_lt_profile_refuses_empty_classes(fake_fmnist):

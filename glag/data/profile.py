@@ -6,9 +6,12 @@ images, so class 0 is the head (``n_max``) and class ``C-1`` the tail (``n_max /
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import UsageError
+from ..options import check_ranges
 
 
 def lt_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[int]:
@@ -27,14 +30,11 @@ def lt_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[in
         (C=10, n_max=500, IF=100): ``[500, 299, 179, 107, 64, 38, 23, 13, 8, 5]``.
 
     Raises:
-        UsageError: the profile leaves tail classes with 0 images (``n_max / IF < 1``).
+        UsageError: an argument out of range (:func:`glag.options.check_ranges`), or the profile leaves tail classes with 0 images (``n_max / IF < 1``).
     """
-    if num_classes < 1:
-        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
-    if n_max < 1:
-        raise UsageError(f"n_max must be >= 1, got {n_max}")
-    if not imbalance_factor >= 1.0:
-        raise UsageError(f"imbalance_factor must be >= 1, got {imbalance_factor}")
+    check_ranges({"num_classes": num_classes, "n_max": n_max, "imbalance_factor": imbalance_factor},
+                 int_min={"num_classes": 1, "n_max": 1},
+                 float_range={"imbalance_factor": (1.0, True, math.inf, False)})
     if num_classes == 1:
         return [int(n_max)]
     ratio = 1.0 / float(imbalance_factor)
