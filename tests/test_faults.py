@@ -298,7 +298,8 @@ def test_stage1_resume_with_other_data_options_is_refused(tiny_run, tmp_path):
     train the rest of the run on other images. Refused, naming both, with nothing written."""
     _, run = tiny_run
     before = folder_state(run)
-    with pytest.raises(ValueError, match=r"--imbalance-factor: 10\.0 in the run, 2\.0 now; --n-max: 30 in the run, 20 now"):
+    changed = r"--imbalance-factor: 10\.0 in the run, 2\.0 now; --n-max: 30 in the run, 20 now"
+    with pytest.raises(ValueError, match=changed):
         train_stage1(Stage1Config(out=str(run), data_root=str(tiny_run[0]), epochs=1,
                                   **{**TINY, "n_max": 20, "imbalance_factor": 2.0}), resume=True)
     assert folder_state(run) == before

@@ -183,13 +183,15 @@ def test_skeletons_of_killed_writers_are_removed(tmp_path, data):
     dead.wait()
     host = platform.node() or "host"
     name = ".feats.h5.partial"
-    left = {"dead": tmp_path / f"{name}.{host}.{dead.pid}.init", "alive": tmp_path / f"{name}.{host}.{os.getppid()}.init",
+    left = {"dead": tmp_path / f"{name}.{host}.{dead.pid}.init",
+            "alive": tmp_path / f"{name}.{host}.{os.getppid()}.init",
             "elsewhere": tmp_path / f"{name}.other-host.{dead.pid}.init"}
     for p in left.values():
         p.write_bytes(b"half a skeleton")
     write_all(tmp_path / "feats.h5", data)
     assert not left["dead"].exists() and left["alive"].exists() and left["elsewhere"].exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["feats.h5", left["alive"].name, left["elsewhere"].name])
+    kept = ["feats.h5", left["alive"].name, left["elsewhere"].name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_existing_file_not_overwritten(good_file, data):

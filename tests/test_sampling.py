@@ -393,7 +393,8 @@ def test_bench_kernel_tiny_run(tmp_path):
     out = tmp_path / "bench.json"
     rc = bench_kernel.main(["--profiles", "cifar100-lt", "--dims", "16", "--ks", "2", "--work", "0.02",
                             "--repeats", "1", "--min-seconds", "0", "--dc-seconds", "0", "--dc-seeds", "2",
-                            "--mvn-seeds", "4", "--ref-samples", "50", "--device", "cpu", "--no-progress", "--settle", "0.01",
+                            "--mvn-seeds", "4", "--ref-samples", "50", "--device", "cpu", "--no-progress",
+                            "--settle", "0.01",
                             "--out", str(out), "--plot", str(tmp_path / "bench.png")])
     assert rc == 0
     res = json.loads(out.read_text())

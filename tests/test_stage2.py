@@ -65,7 +65,8 @@ def test_presets_resolve_as_documented():
     assert Stage2Config(method="glag", omega_init="0.4").resolved().omega_init == 0.4
     for bad, match in ((dict(omega_init="best"), "number in \\[0, 1\\] or 'auto'"),
                        (dict(omega_init=1.5), "must lie in \\[0, 1\\]"),
-                       (dict(omega_grid=()), "one or more values"), (dict(omega_grid=(0.2, -0.1)), "one or more values"),
+                       (dict(omega_grid=()), "one or more values"),
+                       (dict(omega_grid=(0.2, -0.1)), "one or more values"),
                        (dict(weights="nearest"), "--weights must be one of size_over_distance, uniform, got 'nearest'"),
                        (dict(alpha_mode="full"), "--alpha-mode must be one of all, diag, got 'full'")):
         with pytest.raises(ValueError, match=match):
@@ -258,7 +259,8 @@ def test_class_with_one_sample_borrows_only_support_covariance(tmp_path):
     from glag.stage2 import EpochBuilder, load_splits
 
     ff, splits = load_splits(path, 0.5)
-    b = EpochBuilder(Stage2Config(features=str(path), backend="torch", omega_init=0.6).resolved(), splits["train"], ff.class_counts)
+    b = EpochBuilder(Stage2Config(features=str(path), backend="torch", omega_init=0.6).resolved(), splits["train"],
+                     ff.class_counts)
     assert b.stats.bank.ranks[4] == 0  # no covariance of its own
     x, y, _ = b.build(0, None)
     gen = x[len(splits["train"].y):][y[len(splits["train"].y):] == 4]
@@ -407,7 +409,8 @@ def test_command_line_resume_alone_reads_the_run_options(feats, tmp_path, monkey
 
 
 @pytest.mark.parametrize("option,value,flag", [
-    ("epochs", 0, "--epochs"), ("batch_size", -4, "--batch-size"), ("seed", -1, "--seed"), ("kd_beta", -1.0, "--kd-beta"),
+    ("epochs", 0, "--epochs"), ("batch_size", -4, "--batch-size"), ("seed", -1, "--seed"),
+    ("kd_beta", -1.0, "--kd-beta"),
     ("kd_temperature", 0.0, "--kd-temperature"), ("lr", -1.0, "--lr"), ("weight_decay", -1.0, "--weight-decay"),
     ("omega_step", -0.5, "--omega-step"), ("omega_margin", -1.0, "--omega-margin"), ("n_max", 0, "--n-max"),
     ("omega_workers", 0, "--omega-workers"), ("stream_block_rows", 0, "--stream-block-rows"),
@@ -489,7 +492,8 @@ def test_resume_from_another_folder_finds_relative_features(feats, tmp_path, mon
     monkeypatch.chdir(tmp_path / "a")
     c = cfg("feats.h5", "run", epochs=3, omega_init=0.6)
     _run_epochs(c, 1)
-    assert json.loads((tmp_path / "a" / "run" / "config.json").read_text())["features"] == str(tmp_path / "a" / "feats.h5")
+    saved = json.loads((tmp_path / "a" / "run" / "config.json").read_text())
+    assert saved["features"] == str(tmp_path / "a" / "feats.h5")
     monkeypatch.chdir(tmp_path)
     assert afg_train.main(["--out", "a/run", "--resume", "--no-progress", "--no-plots"]) == 0
     assert json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())["best_epoch"] >= 1

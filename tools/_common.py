@@ -90,7 +90,8 @@ def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
     known, _ = pre.parse_known_args(argv)
     has_resume = any(a.dest == "resume" for a in parser._actions)
     source, quiet = known.config, False
-    if not source and has_resume and known.resume and known.out and os.path.isfile(os.path.join(known.out, "config.json")):
+    if (not source and has_resume and known.resume and known.out
+            and os.path.isfile(os.path.join(known.out, "config.json"))):
         source, quiet = os.path.join(known.out, "config.json"), True  # it also holds what the run resolved
     if not source:
         return

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd", type=_bool, metavar="BOOL", help="distil the stage-one logits on head classes")
     g.add_argument("--kd-temperature", type=float, default=2.0,
                    help="softmax temperature T of the KD term, > 0 (default: %(default)s)")
-    g.add_argument("--kd-beta", type=float, default=2.0, help="β of the KD weight τ(t) = (t/T)^β (default: %(default)s)")
+    g.add_argument("--kd-beta", type=float, default=2.0,
+                   help="β of the KD weight τ(t) = (t/T)^β (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=40,
                    help="epochs; each draws a new set of generated features (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=256, help="samples a step (default: %(default)s)")

@@ -175,7 +175,8 @@ def make_dc(job: Job, max_seconds: float, max_seeds: int):
     rows = torch.nonzero(job.counts > 0).flatten()[:max_seeds].cpu()
     sub = job.subset(rows.to(job.counts.device))
     covs = {j: c.cpu().numpy() for j, c in _dense_cov(job, torch.unique(sub.support).tolist()).items()}
-    mu, sup, w, cnt = sub.mu.cpu().double().numpy(), sub.support.cpu().numpy(), sub.weights.cpu().double().numpy(), sub.counts.cpu().numpy()
+    mu, sup = sub.mu.cpu().double().numpy(), sub.support.cpu().numpy()
+    w, cnt = sub.weights.cpu().double().numpy(), sub.counts.cpu().numpy()
     extra = np.ones((job.d, job.d)) if job.mode == "all" else np.eye(job.d)
     rs = np.random.RandomState(0)
 
@@ -212,7 +213,8 @@ def make_mvn(job: Job, max_seeds: int):
             cov = torch.einsum("bk,bkij->bij", sub.weights[a:b], stack[index[sub.support[a:b]]]) + job.alpha * extra
             dist = torch.distributions.MultivariateNormal(sub.mu[a:b], covariance_matrix=cov)  # batched Cholesky
             for i in range(b - a):
-                torch.distributions.MultivariateNormal(sub.mu[a + i], scale_tril=dist.scale_tril[i]).sample((cnt[a + i],))
+                one = torch.distributions.MultivariateNormal(sub.mu[a + i], scale_tril=dist.scale_tril[i])
+                one.sample((cnt[a + i],))
                 n_done += cnt[a + i]
         return n_done
     return run, sub.n
@@ -549,7 +551,8 @@ def format_table(res: dict) -> str:
             f"rows (epoch: {res['epoch_samples']:,}), {res['flops_per_sample'] / 1e6:.3g} MFLOP/sample, "
             f"GEMM ceiling {res['gemm_ceiling_gflops']:.1f} GFLOP/s ({res['gemm_ceiling_lib']})")
     cols = [(b, h, len(h) + 2) for b, h in _BASELINES.items() if b in res["methods"]]
-    lines = [head, f"  {'method':<20}{'samples/s':>14}{'GFLOP/s':>10}{'%GEMM':>8}" + "".join(f"{h:>{w}}" for _, h, w in cols)]
+    lines = [head, f"  {'method':<20}{'samples/s':>14}{'GFLOP/s':>10}{'%GEMM':>8}"
+             + "".join(f"{h:>{w}}" for _, h, w in cols)]
     for name, m in res["methods"].items():
         sp = m.get("speedup")
         tail = "".join(f"{sp[b]:>{w}.3g}" for b, _, w in cols) if sp else ""
@@ -728,7 +731,8 @@ def main(argv=None) -> int:
     configs = [(p, d, k) for p in args.profiles for d in args.dims for k in args.ks]
     results = []
     bar = tqdm(configs, desc="configs", disable=args.no_progress, file=sys.stderr)
-    settings = {"alpha": args.alpha, "mode": args.mode, "work_gflops": work / 1e9, "repeats": args.repeats, "settle_s": args.settle,
+    settings = {"alpha": args.alpha, "mode": args.mode, "work_gflops": work / 1e9, "repeats": args.repeats,
+                "settle_s": args.settle,
                 "dc_seeds": args.dc_seeds, "dc_seconds": args.dc_seconds, "mvn_seeds": args.mvn_seeds,
                 "ref_samples": args.ref_samples, "seed": args.seed}
 
@@ -760,7 +764,8 @@ def main(argv=None) -> int:
               + (f"  (over {t['baseline']})" if "baseline" in t else ""))
     if proj:
         s = proj["seconds"]
-        parts = ", ".join(f"{name} {sec:,.1f} s" if sec < 1e5 else f"{name} {sec / 3600:,.1f} h" for name, sec in s.items())
+        parts = ", ".join(f"{name} {sec:,.1f} s" if sec < 1e5 else f"{name} {sec / 3600:,.1f} h"
+                          for name, sec in s.items())
         print(f"Projected ImageNet-LT-sized epoch ({proj['epoch_samples']:,} samples, d=2048, k=3): {parts}")
     print(f"wrote {args.out}")
     if args.plot:

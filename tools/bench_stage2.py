@@ -180,7 +180,8 @@ def measure(args, spec) -> dict:
     start_rss = rss_bytes()
     out = args.out or tempfile.mkdtemp(prefix="bench_stage2_")
     cfg = Stage2Config(features=str(args.path), out=os.path.join(out, "run"), method=args.method,
-                       omega_init=args.omega_init, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, backend=args.backend,
+                       omega_init=args.omega_init, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                       backend=args.backend,
                        threads=args.threads, max_memory=args.max_memory, max_steps_per_epoch=args.max_steps,
                        progress=True)
     t0 = time.time()

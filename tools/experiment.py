@@ -84,10 +84,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     for loss in args.losses:
         for seed in args.seeds:
-            pipeline.main(["--out", str(out / f"{loss}-s{seed}"), "--dataset", args.dataset, "--seed", str(seed),
-                           "--loss", loss, "--stage2-methods", *args.methods, "--stage1-args", args.stage1_args,
-                           "--stage2-args", args.stage2_args] + (["--data-root", args.data_root] if args.data_root
-                                                                 else []) + ([] if args.progress else ["--no-progress"]))
+            argv = ["--out", str(out / f"{loss}-s{seed}"), "--dataset", args.dataset, "--seed", str(seed),
+                    "--loss", loss, "--stage2-methods", *args.methods, "--stage1-args", args.stage1_args,
+                    "--stage2-args", args.stage2_args]
+            argv += ["--data-root", args.data_root] if args.data_root else []
+            argv += [] if args.progress else ["--no-progress"]
+            pipeline.main(argv)
     table = aggregate(out, args.losses, args.seeds, args.methods)
     md = to_markdown(table, f"{args.dataset}, test accuracy (%), mean ± std over seeds {args.seeds}")
     (out / "table.md").write_text(md)

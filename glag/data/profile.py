@@ -30,7 +30,8 @@ def lt_profile(num_classes: int, n_max: int, imbalance_factor: float) -> list[in
         (C=10, n_max=500, IF=100): ``[500, 299, 179, 107, 64, 38, 23, 13, 8, 5]``.
 
     Raises:
-        UsageError: an argument out of range (:func:`glag.options.check_ranges`), or the profile leaves tail classes with 0 images (``n_max / IF < 1``).
+        UsageError: an argument out of range (:func:`glag.options.check_ranges`), or the
+            profile leaves tail classes with 0 images (``n_max / IF < 1``).
     """
     check_ranges({"num_classes": num_classes, "n_max": n_max, "imbalance_factor": imbalance_factor},
                  int_min={"num_classes": 1, "n_max": 1},
