@@ -65,7 +65,6 @@ _CHUNK_BYTES = 1 << 20
 _READ_BYTES = 32 << 20
 # Chunk cache of the writer, so that batches that do not align with chunks stay cheap.
 _WRITER_CACHE_BYTES = 32 << 20
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 _RESERVED_ATTRS = ("format_version", "num_classes", "feature_dim", "complete")
 # errno values of an output that cannot be written (not a corrupt one)
@@ -467,26 +466,30 @@ class FeatureWriter:
             raise _err(self.partial_path, f"split {split!r} row {start + row}: feature is NaN or inf",
                        "The backbone produced non-finite features; check the checkpoint "
                        "(a diverged run?) and the input pipeline")
-        if self.dtype == "float16":
-            big = np.abs(feats) > _FLOAT16_MAX
-            if big.any():
-                row = int(np.argmax(big.any(axis=1)))
-                raise _err(self.partial_path, f"split {split!r} row {start + row}: feature "
-                           f"magnitude {float(np.abs(feats[row]).max()):.4g} exceeds the float16 "
-                           f"range ({_FLOAT16_MAX:g})", "Write dtype='float32' (--dtype float32)")
+        limit = float(np.finfo(self.dtype).max)
+        big = np.abs(feats) > limit
+        if big.any():
+            row = int(np.argmax(big.any(axis=1)))
+            fix = "Write dtype='float32' (--dtype float32)" if self.dtype == "float16" else \
+                "The backbone's features overflow float32; check the checkpoint (a diverged run?)"
+            raise _err(self.partial_path, f"split {split!r} row {start + row}: feature "
+                       f"magnitude {float(np.abs(feats[row]).max()):.4g} exceeds the {self.dtype} "
+                       f"range ({limit:g})", fix)
         feats_disk = feats.astype(self.dtype, copy=False)
         if lg is not None:
+            with np.errstate(over="ignore"):  # an overflow is reported below, by row
+                lg = lg.astype(np.float32, copy=False)  # as stored
             row = _first_nonfinite_row(lg)
             if row is not None:
                 raise _err(self.partial_path, f"split {split!r} row {start + row}: logits are NaN "
-                           "or inf", "Check the stage-one checkpoint (a diverged run?)")
+                           "or inf (in float32, as stored)", "Check the stage-one checkpoint (a diverged run?)")
 
         g = f[split]
         g["features"][start:stop] = feats_disk
         g["labels"][start:stop] = labs.astype(np.int64, copy=False)
         g["index"][start:stop] = idx.astype(np.int64, copy=False)
         if lg is not None:
-            g["logits"][start:stop] = lg.astype(np.float32, copy=False)
+            g["logits"][start:stop] = lg
         f.flush()  # data on disk (OS) before the counter says so
         g.attrs["rows_done"] = stop
         f.flush()
@@ -767,19 +770,28 @@ class FeatureFile:
             b = min(n, a + block)
             src = slice(positions[a], positions[b - 1] + 1, step)
             part = g["features"][src]
-            row = _first_nonfinite_row(part)
+            with np.errstate(over="ignore"):  # an overflow is reported below, by row
+                features[a:b] = part
+            # checked after the cast: a float64 dataset, or a narrower dtype asked for, can overflow
+            row = _first_nonfinite_row(features[a:b])
             if row is not None:
+                if np.isfinite(part[row]).all():
+                    raise _err(self.path, f"split {split!r} row {positions[a + row]}: feature magnitude "
+                               f"{float(np.abs(part[row]).max()):.4g} exceeds the range of {dtype}",
+                               "Load it as float32 (dtype=np.float32), or re-extract with tools/extract.py "
+                               "if float32 overflows too")
                 raise _err(self.path, f"split {split!r} row {positions[a + row]}: feature is NaN or inf",
                            "The file is damaged or was written from a diverged model; re-extract "
                            "with tools/extract.py")
-            features[a:b] = part
             if logits is not None:
                 part = g["logits"][src]
-                row = _first_nonfinite_row(part)
+                with np.errstate(over="ignore"):
+                    logits[a:b] = part
+                row = _first_nonfinite_row(logits[a:b])
                 if row is not None:
-                    raise _err(self.path, f"split {split!r} row {positions[a + row]}: logits are "
-                               "NaN or inf", "Re-extract with tools/extract.py")
-                logits[a:b] = part
+                    what = ("exceed the float32 range" if np.isfinite(part[row]).all() else "are NaN or inf")
+                    raise _err(self.path, f"split {split!r} row {positions[a + row]}: logits {what}",
+                               "Re-extract with tools/extract.py")
         if n:
             sel = slice(start, positions[-1] + 1, step)
             labels = g["labels"][sel].astype(np.int64, copy=False)

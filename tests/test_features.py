@@ -140,6 +140,38 @@ def test_write_validation(tmp_path, data):
                        attrs=ATTRS, dtype="float16") as w:
         with pytest.raises(FeatureFileError, match="float16 range"):
             w.append("train", np.full((2, D), 1e5, np.float32), y[:2], i[:2], lg[:2])
+    # float64 beyond float32's range would be stored as inf: refused, the file left unreadable never
+    with FeatureWriter(tmp_path / "z.h5", split_sizes={"train": 2}, feature_dim=D, num_classes=C,
+                       attrs=ATTRS) as w:
+        with pytest.raises(FeatureFileError, match=r"row 1: feature magnitude 1e\+39 exceeds the float32 range"):
+            w.append("train", np.array([[1.0] * D, [1e39] * D]), y[:2], i[:2], lg[:2])
+        with pytest.raises(FeatureFileError, match=r"row 0: logits are NaN or inf \(in float32"):
+            w.append("train", f[:2], y[:2], i[:2], np.full((2, C), -1e39))
+        assert w.rows_done("train") == 0
+
+
+def test_reader_checks_values_after_the_cast(tmp_path, data):
+    """A float64 dataset beyond float32, or float16 asked for on large float32 values, is refused
+    on load (naming the row and the fix) instead of handing back inf."""
+    f, y, i, lg = (a[:6] for a in data["train"])
+    f = f.copy()
+    f[3, 1] = 1e5  # fine in float32, beyond float16
+    p = tmp_path / "f.h5"
+    write_all(p, {"train": (f, y, i, lg)})
+    wide = f.astype(np.float64)
+    wide[4, 2] = 1e39
+    with h5py.File(p, "r+") as h:
+        del h["train/features"]
+        h["train"].create_dataset("features", data=wide)
+    with open_features(p) as ff:
+        with pytest.raises(FeatureFileError, match=r"row 4: feature magnitude 1e\+39 exceeds the range of float32"):
+            ff.load("train")
+        np.testing.assert_array_equal(ff.load("train", rows=slice(0, 4)).features, f[:4])
+        with pytest.raises(FeatureFileError, match=r"row 3: feature magnitude 1e\+05 exceeds the range of "
+                                                   r"float16.*Load it as float32"):
+            ff.load("train", rows=slice(0, 4), dtype=np.float16)
+        np.testing.assert_array_equal(ff.load("train", rows=slice(0, 3), dtype=np.float16).features,
+                                      f[:3].astype(np.float16))
 
 
 def test_torch_tensors_accepted(tmp_path, data):
