@@ -191,6 +191,10 @@ def class_statistics(
             f"class_statistics: labels must lie in [0, {num_classes}), got "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
+    row = _first_nonfinite_row(features)
+    if row is not None:
+        raise ValueError(f"class_statistics: feature row {row} (class {int(labels[row])}) is NaN or inf; class "
+                         f"means and covariances need finite features (check the feature file)")
     counts = torch.bincount(labels, minlength=num_classes).to(torch.int64)
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
@@ -303,6 +307,10 @@ def streaming_class_statistics(
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise ValueError(f"streaming_class_statistics: labels must lie in [0, {num_classes}), got "
                              f"[{int(y.min())}, {int(y.max())}]")
+        row = _first_nonfinite_row(x)
+        if row is not None:
+            raise ValueError(f"streaming_class_statistics: a chunk's row {row} (class {int(y[row])}) is NaN or "
+                             f"inf; class means and covariances need finite features (check the feature file)")
         x = x.float()
         sums.index_add_(0, y, x.to(torch.float64))
         yn = y.numpy()
@@ -465,6 +473,18 @@ def _log_backend_once(name: str) -> None:
         log.info("find_support: FAISS backend %s", name)
 
 
+def _first_nonfinite_row(a: ArrayLike) -> Optional[int]:
+    """Index of the first row of ``a`` (n, d) holding a NaN or inf, or None.
+
+    Row sums in float64 flag the candidates with O(n) extra memory (no (n, d) mask); each
+    flagged row is then checked exactly (a finite float64 row can overflow its sum)."""
+    t = torch.as_tensor(a)
+    if t.numel() == 0:
+        return None
+    flagged = torch.nonzero(~torch.isfinite(t.sum(dim=1, dtype=torch.float64))).flatten().tolist()
+    return next((r for r in flagged if not bool(torch.isfinite(t[r]).all())), None)
+
+
 def _to_numpy_f32(a: ArrayLike) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
@@ -478,13 +498,22 @@ def _to_numpy_i64(a: ArrayLike) -> np.ndarray:
 
 
 def _check_support_args(queries, head_means, head_ids, k, query_labels):
-    m, d = queries.shape
-    h = head_means.shape[0]
-    if head_means.ndim != 2 or head_means.shape[1] != d or head_ids.shape != (h,):
+    if queries.ndim != 2 or head_means.ndim != 2 or head_means.shape[1] != queries.shape[1] \
+            or head_ids.shape != (head_means.shape[0],):
         raise ValueError(
             f"find_support: expected queries (m, d), head_means (h, d), head_ids (h,); got "
-            f"{queries.shape}, {head_means.shape}, {head_ids.shape}"
+            f"{tuple(queries.shape)}, {tuple(head_means.shape)}, {tuple(head_ids.shape)}"
         )
+    m, _ = queries.shape
+    h = head_means.shape[0]
+    if len(np.unique(head_ids)) != h:
+        raise ValueError("find_support: head_ids has repeated class ids; give one mean per head class "
+                         "(a class's own hits could not all be excluded, nor k distinct classes found)")
+    for name, a in (("queries", queries), ("head_means", head_means)):
+        row = _first_nonfinite_row(a)
+        if row is not None:
+            raise ValueError(f"find_support: {name} row {row} is NaN or inf; the features must be finite "
+                             f"(check the feature file and the input of the Tukey transform)")
     if query_labels is not None and query_labels.shape != (m,):
         raise ValueError(f"find_support: query_labels must be ({m},), got {query_labels.shape}")
     own_possible = query_labels is not None and bool(np.isin(query_labels, head_ids).any())
@@ -644,8 +673,14 @@ def support_weights(
         (m, k) float32 tensor.
     """
     support = torch.as_tensor(support).long()
+    if support.ndim != 2 or support.shape[1] == 0:
+        raise ValueError(f"support_weights: support must be (m, k) with k >= 1 head classes a row, got "
+                         f"{tuple(support.shape)}")
     m, k = support.shape
     if mode == "uniform":
+        if tuple(torch.as_tensor(dist2).shape) != (m, k):
+            raise ValueError(f"support_weights: dist2 {tuple(torch.as_tensor(dist2).shape)} and support "
+                             f"{(m, k)} differ")
         return torch.full((m, k), 1.0 / k, dtype=torch.float32, device=support.device)
     if mode not in WEIGHT_MODES:
         raise ValueError(f"support_weights: mode must be one of {WEIGHT_MODES}, got {mode!r}")
@@ -655,6 +690,9 @@ def support_weights(
     if (d < 0).any() or not torch.isfinite(d).all():
         raise ValueError("support_weights: distances must be finite and >= 0")
     n = torch.as_tensor(counts, device=support.device).to(torch.float64)[support]
+    if not bool((n >= 1).all()):
+        raise ValueError("support_weights: every support class needs a training count >= 1 (its weight is "
+                         f"n_i / d_i), got counts from {n.min().item():g} for the classes in support")
     floor = eps * d.max(dim=1, keepdim=True).values
     d = torch.where(floor > 0, torch.maximum(d, floor), torch.ones_like(d))
     w = n / d
@@ -678,23 +716,34 @@ def calibrate_means(
         omega: scalar or (m,) per-row omega (``AdaptiveOmega.omega_for(labels)``).
 
     Returns:
-        (m, d) tensor, dtype of ``x_tail``. Memory is O(m d): the weighted mean is
+        (m, d) tensor, dtype of ``x_tail`` (float32 for an integer ``x_tail``). Memory is O(m d): the weighted mean is
         accumulated one support slot at a time, never as an (m, k, d) gather.
     """
     x_tail = torch.as_tensor(x_tail)
+    if not x_tail.is_floating_point():  # weights and omega would be truncated to integers
+        x_tail = x_tail.to(torch.float32)
     support = torch.as_tensor(support, device=x_tail.device).long()
     weights = torch.as_tensor(weights, device=x_tail.device).to(x_tail.dtype)
     means = torch.as_tensor(means, device=x_tail.device).to(x_tail.dtype)
+    if support.ndim != 2 or x_tail.ndim != 2 or means.ndim != 2:
+        raise ValueError(f"calibrate_means: x {tuple(x_tail.shape)}, support {tuple(support.shape)} and means "
+                         f"{tuple(means.shape)} must be 2-D: (m, d), (m, k), (C, d)")
     m, k = support.shape
     if x_tail.shape[0] != m or weights.shape != (m, k) or means.shape[1] != x_tail.shape[1]:
         raise ValueError(
             f"calibrate_means: shapes x {tuple(x_tail.shape)}, support {tuple(support.shape)}, "
             f"weights {tuple(weights.shape)}, means {tuple(means.shape)} do not match"
         )
-    omega = torch.as_tensor(omega, dtype=x_tail.dtype, device=x_tail.device)
+    if k == 0 and m:
+        raise ValueError("calibrate_means: support has k = 0 columns; each row needs k >= 1 head classes "
+                         "to borrow from (--k)")
+    omega = torch.as_tensor(omega, device=x_tail.device).to(x_tail.dtype)
+    if omega.ndim > 1 or (omega.ndim == 1 and omega.shape[0] != m):
+        raise ValueError(f"calibrate_means: omega must be a scalar or ({m},), got {tuple(omega.shape)}")
+    if omega.numel() and not ((omega >= 0) & (omega <= 1)).all():
+        raise ValueError("calibrate_means: omega must lie in [0, 1] (it mixes x~ with the borrowed mean), got "
+                         f"values from {omega.min().item():g} to {omega.max().item():g}")
     if omega.ndim == 1:
-        if omega.shape[0] != m:
-            raise ValueError(f"calibrate_means: omega must be scalar or ({m},), got {tuple(omega.shape)}")
         omega = omega[:, None]
     borrowed = torch.zeros_like(x_tail)
     for j in range(k):
@@ -767,6 +816,9 @@ def allocate_counts(
     """
     labels = _to_numpy_i64(labels)
     n = _to_numpy_i64(class_counts)
+    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= n.shape[0])):
+        raise ValueError(f"allocate_counts: labels must be (m,) class ids in [0, {n.shape[0]}), got shape "
+                         f"{labels.shape}" + (f", range [{labels.min()}, {labels.max()}]" if labels.size else ""))
     target = np.broadcast_to(_to_numpy_i64(target_per_class), n.shape)
     quota = np.maximum(target - n, 0)
     r = np.bincount(labels, minlength=n.shape[0])  # real samples of each class in `labels`

@@ -5,6 +5,7 @@ scalar mean over the batch. ``log_prior`` is log π_c, (C,) float32, π_c = n_c 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,10 @@ def tau_schedule(t: float, T: float, kind: str = "power", alpha: float = 1.0, be
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown τ schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
-    if T <= 0:
+    if not T > 0:
         raise ValueError(f"the number of epochs T must be positive, got {T}")
+    if not math.isfinite(t):
+        raise ValueError(f"the progress t must be a finite number of epochs, got {t}")
     p = min(max(t / T, 0.0), 1.0)
     if kind == "constant":
         return float(alpha)

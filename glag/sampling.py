@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -65,6 +66,11 @@ class FactorBank:
         data: (d, R) float32, ``R = sum_j r_j``; ``F_j = data[:, offsets[j]:offsets[j+1]]``
             satisfies ``F_j F_j^T = Sigma_j`` (METHOD.md, low-rank sampling).
         offsets: (C+1,) int64, on the CPU. ``r_j`` may be 0 (a class of one sample).
+
+    The kernels read copies of :attr:`data` made once per device (transposed, padded) and kept
+    while torch sees ``data`` unchanged (same storage, same version counter, which every
+    in-place torch op bumps). A write torch cannot see, through ``data.numpy()`` or another
+    DLPack view, leaves those copies stale: call :meth:`clear_cache` after it.
     """
 
     data: torch.Tensor
@@ -116,6 +122,10 @@ class FactorBank:
     def factor(self, j: int) -> torch.Tensor:
         """``F_j`` (d, r_j), a view into :attr:`data`."""
         return self.data[:, int(self.offsets[j]):int(self.offsets[j + 1])]
+
+    def clear_cache(self) -> None:
+        """Drop the per-device copies of :attr:`data` (after writing it through numpy or DLPack)."""
+        self._cache.clear()
 
     def _cached(self, kind: str, device: torch.device, make):
         """``make()``, kept per (kind, device) while :attr:`data` is unchanged (same storage and
@@ -188,8 +198,13 @@ def class_factor(x: torch.Tensor) -> torch.Tensor:
           float64, with a diagonal jitter only if the covariance is singular (logged);
         * (d, 0) when n == 1: one sample has no covariance to lend.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"class_factor needs a torch.Tensor, got {type(x).__name__} (torch.as_tensor(x) "
+                        f"converts it)")
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"class_factor needs (n_c >= 1, d) features, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("class_factor: the features hold NaN or inf; a covariance needs finite features")
     n, d = x.shape
     if n == 1:
         return x.new_zeros((d, 0), dtype=torch.float32)
@@ -251,10 +266,11 @@ def resolve_backend(name: str | None = None) -> str:
     A requested backend that is not usable here falls back to the next usable one in the
     order cuda -> numba -> torch, with a warning; the choice is logged once (INFO).
     """
-    requested = (name or os.environ.get(ENV_BACKEND) or "auto").strip().lower()
+    raw = name or os.environ.get(ENV_BACKEND) or "auto"
+    requested = raw.strip().lower()
     if requested not in BACKENDS + ("auto",):
         raise ValueError(
-            f"unknown sampler backend {requested!r} (from {'argument' if name else ENV_BACKEND}); "
+            f"unknown sampler backend {raw!r} (from {'argument' if name else ENV_BACKEND}); "
             f"choose one of {', '.join(BACKENDS)} or auto"
         )
     avail = available_backends()
@@ -276,10 +292,21 @@ def resolve_backend(name: str | None = None) -> str:
 # ---------------------------------------------------------------- the sampler
 def _validate(bank, mu, support, weights, counts, labels, alpha, mode, seed) -> int:
     """Check the arguments of :func:`sample_calibrated` (clear errors); returns N = counts.sum()."""
+    if not isinstance(bank, FactorBank):
+        raise TypeError(f"bank must be a FactorBank (FactorBank.from_factors), got {type(bank).__name__}")
+    for name, t in (("mu", mu), ("support", support), ("weights", weights), ("counts", counts), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__} (torch.as_tensor({name}) "
+                            f"converts it)")
+    for name, t in (("support", support), ("counts", counts), ("labels", labels)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers (int64), got {t.dtype}: a float would be truncated")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     if not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     if mu.dim() != 2:

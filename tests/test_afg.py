@@ -93,6 +93,16 @@ def test_class_statistics_errors():
         afg.class_statistics(x, torch.tensor([0, 0, 1, 1, 3]), 4, build_bank=False)
     with pytest.raises(ValueError, match="labels must lie"):
         afg.class_statistics(x, torch.tensor([0, 0, 1, 1, 5]), 4, build_bank=False)
+    # a NaN in a class of one sample (n <= d) used to give a NaN mean silently; in a class of
+    # n > d, a Cholesky failure that never named the input
+    y = torch.tensor([0, 0, 0, 0, 1])
+    for row in (4, 2):
+        bad = x.clone()
+        bad[row, 1] = float("nan") if row == 4 else float("inf")
+        with pytest.raises(ValueError, match=rf"feature row {row} \(class {int(y[row])}\) is NaN or inf"):
+            afg.class_statistics(bad, y, 2)
+        with pytest.raises(ValueError, match=rf"row {row - 2} \(class {int(y[row])}\) is NaN or inf"):
+            afg.streaming_class_statistics(iter([(x[:2], y[:2]), (bad[2:], y[2:])]), 2, np.array([4, 1]))
 
 
 # --------------------------------------------------------------------- head / tail (step 3)
@@ -145,6 +155,28 @@ def test_find_support_k_too_large():
             afg.find_support(torch.rand(2, 4), means, ids, 1, None, use_gpu=True)
 
 
+@pytest.mark.parametrize("search", [afg.find_support, afg.find_support_bruteforce])
+def test_find_support_refuses_repeated_ids_nonfinite_rows_and_1d(search):
+    """Repeated head ids (the own class could come back, out of order) and NaN/inf rows (FAISS and
+    the oracle disagree on them) are refused by both searches, naming the problem."""
+    hm = torch.tensor([[0.0, 0], [0.1, 0], [5, 5], [9, 9]])
+    q = torch.tensor([[0.05, 0.0], [3.0, 3.0], [1.0, 1.0]])
+    with pytest.raises(ValueError, match="repeated class ids"):
+        search(q, hm, torch.tensor([0, 0, 2, 3]), 2, torch.tensor([0, 0, 0]))
+    ids = torch.tensor([0, 1, 2, 3])
+    bad = q.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="queries row 1 is NaN or inf"):
+        search(bad, hm, ids, 2, None)
+    bad_hm = hm.clone()
+    bad_hm[3, 0] = float("inf")
+    with pytest.raises(ValueError, match="head_means row 3 is NaN or inf"):
+        search(q, bad_hm, ids, 2, None)
+    with pytest.raises(ValueError, match=r"expected queries \(m, d\).*\(2,\)"):
+        search(q[0], hm, ids, 2, None)
+    assert search(q[1:], hm, ids, 1, None)[0].tolist() == [[2], [1]]  # the same inputs, valid
+
+
 # ------------------------------------------------------------------------ weights (step 5)
 def test_support_weights():
     counts = torch.tensor([100, 400, 100, 5])
@@ -165,6 +197,15 @@ def test_support_weights():
     np.testing.assert_allclose(wu.numpy(), 1 / 3)
     with pytest.raises(ValueError, match="mode"):
         afg.support_weights(dist2, support, counts, mode="nope")
+    for mode in afg.WEIGHT_MODES:  # k = 0 was an IndexError / ZeroDivisionError
+        with pytest.raises(ValueError, match=r"k >= 1 head classes a row, got \(2, 0\)"):
+            afg.support_weights(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.long), counts, mode=mode)
+    with pytest.raises(ValueError, match="differ"):
+        afg.support_weights(dist2[:, :1], support, counts, mode="uniform")
+    zero = torch.as_tensor(counts).clone()
+    zero[support[0, 0]] = 0  # was NaN weights
+    with pytest.raises(ValueError, match="training count >= 1"):
+        afg.support_weights(dist2, support, zero)
 
 
 def test_calibrate_means_formula_and_omega_zero():
@@ -181,6 +222,24 @@ def test_calibrate_means_formula_and_omega_zero():
     mu_s = afg.calibrate_means(x, support, w, means, 0.5)
     np.testing.assert_allclose(mu_s.numpy(), (0.5 * x + 0.5 * (w[:, :, None] * means[support]).sum(1)).numpy(),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_calibrate_means_integer_input_and_refusals():
+    """Integer features are computed in float (not with w and omega truncated to 0); omega off
+    [0, 1] or of the wrong shape, and k = 0, are refused."""
+    x = torch.tensor([[10, 0]])
+    means = torch.tensor([[0, 0], [20, 20]])
+    mu = afg.calibrate_means(x, torch.tensor([[1]]), torch.tensor([[1.0]]), means, 0.5)
+    assert mu.dtype == torch.float32 and mu.tolist() == [[15.0, 10.0]]  # METHOD.md step 5
+    mu = afg.calibrate_means(x, torch.tensor([[0, 1]]), torch.tensor([[0.3, 0.7]]), means, torch.tensor([0.6]))
+    np.testing.assert_allclose(mu.numpy(), [[0.4 * 10 + 0.6 * 14, 0.6 * 14]], rtol=1e-6)
+    xf, sup, w = x.float(), torch.tensor([[1]]), torch.tensor([[1.0]])
+    with pytest.raises(ValueError, match=r"omega must lie in \[0, 1\].*1\.5"):
+        afg.calibrate_means(xf, sup, w, means, 1.5)
+    with pytest.raises(ValueError, match=r"omega must be a scalar or \(1,\), got \(1, 2\)"):
+        afg.calibrate_means(xf, sup, w, means, torch.full((1, 2), 0.5))
+    with pytest.raises(ValueError, match="k = 0 columns"):
+        afg.calibrate_means(xf, torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0), means, 0.5)
 
 
 def test_calibrated_covariance_modes():
@@ -248,6 +307,8 @@ def test_allocate_counts():
     out = afg.allocate_counts(labels, tgt, class_counts, np.random.default_rng(0))
     assert out[labels == 1].sum() == 0 and out[labels == 3].sum() == 0 and out[labels == 2].sum() == 7
     assert afg.allocate_counts(np.zeros(0, np.int64), 5, class_counts, np.random.default_rng(0)).shape == (0,)
+    with pytest.raises(ValueError, match=r"class ids in \[0, 5\), got shape \(2,\), range \[1, 5\]"):
+        afg.allocate_counts(np.array([1, 5]), 50, class_counts, np.random.default_rng(0))
 
 
 # ------------------------------------------------------------------ adaptive omega (step 7)

@@ -21,6 +21,10 @@ def test_tau_schedule_power_and_variants():
     assert tau_schedule(3, 10, "convex") < tau_schedule(3, 10, "linear") < tau_schedule(3, 10, "concave")
     with pytest.raises(ValueError, match="unknown"):
         tau_schedule(1, 10, "cubic")
+    with pytest.raises(ValueError, match="progress t must be a finite number of epochs, got nan"):
+        tau_schedule(float("nan"), 10)  # was nan
+    with pytest.raises(ValueError, match="T must be positive, got nan"):
+        tau_schedule(1, float("nan"))
 
 
 def test_log_prior_and_error():

@@ -272,6 +272,43 @@ def test_input_validation():
         sample_calibrated(bank, mu, support, -w, counts, labels)
     with pytest.raises(ValueError, match="d ="):
         sample_calibrated(bank, mu[:, :3], support, w, counts, labels)
+    # numpy inputs, and floats where integers belong (counts were truncated, float support ran
+    # on numba but crashed the reference), are refused by name
+    with pytest.raises(TypeError, match=r"mu must be a torch.Tensor, got ndarray \(torch.as_tensor\(mu\)"):
+        sample_calibrated(bank, mu.numpy(), support, w, counts, labels)
+    for name, args in (("counts", (support, counts + 0.9, labels)), ("support", (support.double(), counts, labels)),
+                       ("labels", (support, counts, labels.float()))):
+        with pytest.raises(TypeError, match=rf"{name} must hold integers \(int64\), got torch.float"):
+            sample_calibrated(bank, mu, args[0], w, *args[1:])
+    with pytest.raises(TypeError, match="seed must be an integer, got 1.7"):
+        sample_calibrated(bank, mu, support, w, counts, labels, seed=1.7)
+    with pytest.raises(TypeError, match="class_factor needs a torch.Tensor, got ndarray"):
+        class_factor(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        class_factor(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [0.0, 1.0]]))
+    with pytest.raises(TypeError, match="bank must be a FactorBank"):
+        sample_calibrated(bank.data, mu, support, w, counts, labels)
+    x, _ = sample_calibrated(bank, mu, support.int(), w, counts.int(), labels.int(), seed=np.uint64(3))
+    assert torch.equal(x, sample_calibrated(bank, mu, support, w, counts, labels, seed=3)[0])
+
+
+def test_numba_follows_the_bank_after_edits():
+    """The numba backend's cached transposed bank follows in-place torch edits by itself, and
+    edits made through numpy (invisible to torch's version counter) after clear_cache()."""
+    bank, mu, support, w, counts, labels, _ = _problem(d=9, ns=(3, 10, 40))
+
+    def both():
+        return [sample_calibrated(bank, mu, support, w, counts, labels, 0.1, "diag", 4, backend=b)[0]
+                for b in CPU_BACKENDS]
+
+    x0, _ = both()
+    bank.data.mul_(10.0)
+    xn, xt = both()
+    assert torch.allclose(xn, xt, rtol=1e-5, atol=1e-4) and not torch.allclose(xn, x0, atol=1.0)
+    bank.data.numpy()[:] *= 0.5
+    bank.clear_cache()
+    xn, xt = both()
+    assert torch.allclose(xn, xt, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -354,6 +391,9 @@ def test_env_forces_backend_and_bad_names_fail(fresh_backends, caplog):
     assert sampling.resolve_backend("numba") == "numba"  # an explicit argument wins over the env
     fresh_backends.setenv(sampling.ENV_BACKEND, "fortran")
     with pytest.raises(ValueError, match="fortran"):
+        sampling.resolve_backend()
+    fresh_backends.setenv(sampling.ENV_BACKEND, " ")  # named as given, not as ''
+    with pytest.raises(ValueError, match=r"unknown sampler backend ' ' \(from GLAG_SAMPLER_BACKEND\)"):
         sampling.resolve_backend()
 
 
