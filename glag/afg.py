@@ -476,12 +476,12 @@ def _log_backend_once(name: str) -> None:
 def _first_nonfinite_row(a: ArrayLike) -> Optional[int]:
     """Index of the first row of ``a`` (n, d) holding a NaN or inf, or None.
 
-    Row sums in float64 flag the candidates with O(n) extra memory (no (n, d) mask); each
-    flagged row is then checked exactly (a finite float64 row can overflow its sum)."""
+    Row sums flag the candidates at memory speed with O(n) extra memory (no (n, d) mask); each
+    flagged row is then checked exactly (the sum of a finite row can overflow)."""
     t = torch.as_tensor(a)
     if t.numel() == 0:
         return None
-    flagged = torch.nonzero(~torch.isfinite(t.sum(dim=1, dtype=torch.float64))).flatten().tolist()
+    flagged = torch.nonzero(~torch.isfinite(t.sum(dim=1))).flatten().tolist()
     return next((r for r in flagged if not bool(torch.isfinite(t[r]).all())), None)
 
 

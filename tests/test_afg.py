@@ -175,6 +175,7 @@ def test_find_support_refuses_repeated_ids_nonfinite_rows_and_1d(search):
     with pytest.raises(ValueError, match=r"expected queries \(m, d\).*\(2,\)"):
         search(q[0], hm, ids, 2, None)
     assert search(q[1:], hm, ids, 1, None)[0].tolist() == [[2], [1]]  # the same inputs, valid
+    assert afg._first_nonfinite_row(torch.tensor([[1.0, 2.0], [3e38, 3e38], [1.0, float("nan")]])) == 2
 
 
 # ------------------------------------------------------------------------ weights (step 5)
