@@ -454,20 +454,36 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     (every candidate's validation metrics) added.
     """
     run = RunDir(cfg.out, resume=resume)
+    with open_features(cfg.features) as ff:
+        fingerprint = ff.fingerprint()
+    folder = {w: run / "omega_init" / f"{w:g}" for w in cfg.omega_grid}
     if (run / "config.json").exists():  # resuming (RunDir refuses it otherwise): the same options
-        check_resume_options(json.loads((run / "config.json").read_text()), dataclasses.asdict(cfg), run.path,
-                             RESUME_FREE_OPTIONS)
+        saved = json.loads((run / "config.json").read_text())
+        check_resume_options(saved, dataclasses.asdict(cfg), run.path, RESUME_FREE_OPTIONS)
+        # every candidate, finished or not, must have trained on the features given now: a
+        # selection across two files would compare unrelated validation scores
+        prints = {"": saved.get("features_fingerprint")}
+        for w in cfg.omega_grid:
+            if (folder[w] / "config.json").exists():
+                prints[f" (ω_init {w:g})"] = json.loads((folder[w] / "config.json").read_text()).get(
+                    "features_fingerprint")
+        other = {where: fp for where, fp in prints.items() if fp not in (None, fingerprint)}
+        if other:
+            where, fp = next(iter(other.items()))
+            raise UsageError(f"{run.path}{where} was trained on other features (fingerprint {fp}) than "
+                             f"{cfg.features} (fingerprint {fingerprint}); resume with the run's --features, "
+                             f"or choose another --out")
         continue_epochs(run, cfg.epochs, 0)  # each candidate checks the epochs it has done
     else:
-        run.write_config(dataclasses.asdict(cfg), cfg.seed)
+        run.write_config({**dataclasses.asdict(cfg), "features_fingerprint": fingerprint}, cfg.seed)
     log.info("ω_init auto: %d stage-two runs, ω_init in %s, the best on validation kept (a number for "
              "--omega-init runs one)", len(cfg.omega_grid), list(cfg.omega_grid))
-    folder = {w: run / "omega_init" / f"{w:g}" for w in cfg.omega_grid}
     todo = []
     for w in dict.fromkeys(cfg.omega_grid):
-        if (folder[w] / "metrics.json").exists():
+        done = (folder[w] / "metrics.json").exists()
+        if done and json.loads((folder[w] / "config.json").read_text())["epochs"] == cfg.epochs:
             log.info("ω_init %g: finished earlier (%s)", w, folder[w])
-        else:
+        else:  # not finished, or finished with fewer --epochs than asked now: continued
             todo.append((dataclasses.replace(cfg, omega_init=w, out=str(folder[w])),
                          resume and (folder[w] / "config.json").exists()))
     workers = min(len(todo), cfg.omega_workers or _candidate_workers(cfg))
@@ -484,7 +500,7 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
         if (src / name).exists():
             atomic_write_bytes(run / name, (src / name).read_bytes())
     chosen = json.loads((src / "config.json").read_text())
-    atomic_write_json(run / "config.json", {**chosen, "out": cfg.out, "omega_init": "auto",
+    atomic_write_json(run / "config.json", {**chosen, "out": cfg.out, "omega_init": "auto", "features": cfg.features,
                                             "omega_grid": list(cfg.omega_grid), "omega_init_selected": best})
     metrics = json.loads((src / "metrics.json").read_text())
     metrics.update(omega_init_selected=best, omega_selection={f"{w:g}": val[w] for w in cfg.omega_grid})

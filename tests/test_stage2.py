@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import logging
+import shutil
 
 import h5py
 import numpy as np
@@ -467,6 +468,30 @@ def test_auto_resume_refuses_other_options(feats, tmp_path):
     with pytest.raises(UsageError, match=r"--lr: 0\.05 in the run, 0\.2 now"):
         train_stage2(dataclasses.replace(c, lr=0.2), resume=True)
     assert (tmp_path / "auto" / "config.json").read_text() == before
+
+
+def test_auto_resume_checks_every_candidates_features_and_epochs(feats, tmp_path):
+    """--omega-init auto, resumed with another feature file: refused (a selection across two files
+    compared unrelated scores), for the finished run and for one stopped between candidates. With
+    more --epochs, the finished candidates are continued too (they kept their old length)."""
+    from glag.errors import UsageError
+
+    other = write_synthetic_features(tmp_path / "other.h5", COUNTS, 16, val_per_class=20, test_per_class=40, seed=4)
+    out = tmp_path / "auto"
+    c = cfg(feats, out, epochs=2, omega_grid=(0.6, 0.0))
+    train_stage2(c)
+    for gone in ([], ["metrics.json", "omega_init/0"]):  # finished; stopped after candidate 0.6
+        for name in gone:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        with pytest.raises(UsageError, match=r"trained on other features \(fingerprint [0-9a-f]+\) than .*other\.h5"):
+            train_stage2(dataclasses.replace(c, features=str(other)), resume=True)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    m = train_stage2(dataclasses.replace(c, epochs=3), resume=True)
+    for w in ("0.6", "0"):
+        assert json.loads((out / "omega_init" / w / "config.json").read_text())["epochs"] == 3
+        assert len((out / "omega_init" / w / "summary.csv").read_text().strip().splitlines()) == 1 + 3
+    assert json.loads((out / "config.json").read_text())["epochs"] == 3 and m["best_epoch"] <= 3
 
 
 def test_resume_to_more_epochs_is_recorded_and_fewer_is_refused(feats, tmp_path):
