@@ -40,6 +40,29 @@ def test_pipeline_reuses_finished_stages_only_with_their_options(root, tmp_path,
     assert (out / "stage1" / "metrics.json").stat().st_mtime_ns == stamp
 
 
+def test_pipeline_refuses_features_of_a_redone_stage_one(root, tmp_path):
+    """Stage one redone (its folder deleted, as the pipeline's message advises, then run with other
+    options): the kept feats.h5 and the stage-two runs made from it are the old model's and are
+    refused, each naming what to delete; deleting them redoes them from the new checkpoint."""
+    import shutil
+
+    out = tmp_path / "p"
+    assert run_pipeline(root, out) == 0
+    old = json.loads((out / "crt" / "metrics.json").read_text())
+    shutil.rmtree(out / "stage1")
+    s1 = S1.replace("--epochs 1", "--epochs 2")
+    with pytest.raises(UsageError, match=r"feats\.h5 was extracted from another stage-one checkpoint .* Delete "
+                                         r".*feats\.h5 and .*crt to redo them"):
+        run_pipeline(root, out, s1=s1)
+    (out / "feats.h5").unlink()
+    with pytest.raises(UsageError, match=r"crt was trained on other features .* Delete .*crt to redo it"):
+        run_pipeline(root, out, s1=s1)
+    shutil.rmtree(out / "crt")
+    assert run_pipeline(root, out, s1=s1) == 0
+    new = json.loads((out / "crt" / "metrics.json").read_text())
+    assert new["stage1"] != old["stage1"]  # the table now reports the new stage one
+
+
 @pytest.mark.parametrize("s1,s2,match", [
     (S1 + " --out elsewhere", S2, "--stage1-args may not set --out"),
     (S1 + " --seed=5", S2, "--stage1-args may not set --seed=5"),

@@ -90,6 +90,40 @@ def _finished(run: Path, options: dict, free) -> bool:
     return True
 
 
+def _check_features_follow(feats: Path, checkpoint: Path, stage2_runs: list[Path]) -> None:
+    """A kept ``feats.h5`` must come from the stage-one checkpoint there now: after stage one is
+    redone (its folder deleted), the old features and the stage-two runs made from them would
+    otherwise be reported as the new model's."""
+    from glag.errors import UsageError
+    from glag.features import open_features, sha256_file
+
+    with open_features(feats) as ff:
+        extracted_from = ff.attrs.get("checkpoint_sha256")
+    now = sha256_file(checkpoint)
+    if extracted_from != now:
+        runs = " ".join(str(r) for r in stage2_runs if r.exists())
+        raise UsageError(f"{feats} was extracted from another stage-one checkpoint (sha256 {extracted_from}) than "
+                         f"{checkpoint} (sha256 {now}), so its features and the stage-two runs made from them are "
+                         f"the old model's. Delete {feats}{' and ' + runs if runs else ''} to redo them from this "
+                         f"checkpoint, or choose another --out")
+
+
+def _check_stage2_features(run: Path, feats: Path) -> None:
+    """A finished or started stage-two run must have been trained on ``feats`` as it is now."""
+    from glag.errors import UsageError
+    from glag.features import open_features
+
+    if not (run / "config.json").exists():
+        return
+    made_on = json.loads((run / "config.json").read_text()).get("features_fingerprint")
+    with open_features(feats) as ff:
+        now = ff.fingerprint()
+    if made_on not in (None, now):
+        raise UsageError(f"{run} was trained on other features (fingerprint {made_on}) than {feats} now "
+                         f"(fingerprint {now}), which was extracted again since. Delete {run} to redo it, "
+                         f"or choose another --out")
+
+
 def main(argv=None) -> int:
     from glag import stage1, stage2
 
@@ -110,7 +144,9 @@ def main(argv=None) -> int:
     if not _finished(s1, s1_options, stage1.RESUME_FREE_OPTIONS):
         train_stage1.main(s1_argv + (["--resume"] if (s1 / "config.json").exists() else []))
     t1 = time.time()
-    if not feats.exists():
+    if feats.exists():
+        _check_features_follow(feats, s1 / "best.pt", [out / m for m in args.stage2_methods])
+    else:
         extract.main(["--checkpoint", str(s1 / "best.pt"), "--out", str(feats), *quiet]
                      + (["--data-root", args.data_root] if args.data_root else []))
     t2 = time.time()
@@ -119,6 +155,7 @@ def main(argv=None) -> int:
     rows = {}
     for method in args.stage2_methods:
         run = out / method
+        _check_stage2_features(run, feats)
         if not _finished(run, s2_options[method], stage2.RESUME_FREE_OPTIONS):
             afg_train.main(s2_argv[method] + (["--resume"] if (run / "config.json").exists() else []))
         m = json.loads((run / "metrics.json").read_text())
