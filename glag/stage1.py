@@ -136,6 +136,12 @@ def _absolute_paths(cfg: Stage1Config) -> Stage1Config:
 
 # Options a resumed run may change: where things are and how fast they run, not what is computed
 # (not --threads: the order of a CPU step's sums follows the thread count).
+def _launch_hint(processes: int) -> str:
+    """How to start ``processes`` processes of stage one (for messages)."""
+    return "one process (no torchrun)" if processes == 1 else f"torchrun --nproc_per_node {processes} (or nodes x " \
+        f"processes per node = {processes})"
+
+
 RESUME_FREE_OPTIONS = frozenset({"out", "data_root", "image_root", "train_list", "val_list", "test_list",
                                  "num_workers", "eval_batch_size", "channels_last", "progress"})
 
@@ -302,6 +308,11 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
                              f"{list(ckpt['class_counts'])} images, but the data now gives {data.num_classes} of "
                              f"{counts.tolist()}; point --data-root at the run's data or choose another --out")
         check_same_samples(last_path, ckpt, data)  # another copy of the data, with the same class counts
+        if ckpt.get("world_size", world) != world:  # (checkpoints before it was saved: not known)
+            raise UsageError(f"{last_path} was trained by {ckpt['world_size']} process(es), and this run has {world}: "
+                             f"each process's augmentation stream (seed + rank) and share of the batch follow the "
+                             f"process count, so the result would be neither run's. Resume with "
+                             f"{_launch_hint(ckpt['world_size'])}, or choose another --out")
         continue_epochs(run, cfg.epochs, ckpt["epoch"], write=main)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -327,7 +338,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
                 "epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "arch": cfg.arch,
                 "num_classes": data.num_classes, "in_channels": data.in_channels,
                 "feature_dim": model.feature_dim, "class_counts": counts.tolist(), "dataset": data.name,
-                "config": dataclasses.asdict(cfg), "torch_rng": torch.get_rng_state()}
+                "config": dataclasses.asdict(cfg), "torch_rng": torch.get_rng_state(), "world_size": world}
 
     def evaluate(split) -> dict:
         distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics, as in its checkpoint

@@ -18,6 +18,7 @@ import gzip
 import json
 import hashlib
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -303,6 +304,24 @@ def test_stage1_resume_with_other_data_options_is_refused(tiny_run, tmp_path):
         train_stage1(Stage1Config(out=str(run), data_root=str(tiny_run[0]), epochs=1,
                                   **{**TINY, "n_max": 20, "imbalance_factor": 2.0}), resume=True)
     assert folder_state(run) == before
+
+
+def test_stage1_resume_under_another_process_count_is_refused(tiny_run, tmp_path):
+    """A run trained by 2 processes (torchrun) resumed by 1: each process's augmentation stream and
+    batch share follow the count, so the result would be neither run's. Refused, naming the
+    launch to use; the checkpoint records the count."""
+    root, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ck = torch.load(copy / "last.pt", weights_only=False)
+    assert ck["world_size"] == 1
+    ck["world_size"] = 2
+    torch.save(ck, copy / "last.pt")
+    before = folder_state(copy)
+    with pytest.raises(ValueError, match=r"trained by 2 process\(es\), and this run has 1: .* Resume with "
+                                         r"torchrun --nproc_per_node 2"):
+        train_tiny(root, copy, epochs=2, resume=True)
+    assert folder_state(copy) == before
 
 
 def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path):
