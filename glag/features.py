@@ -220,10 +220,34 @@ class FeatureWriter:
 
         self._h5: h5py.File | None = None
         self._finalized = False
+        self._check_space()
         if self.partial_path.exists():
             self._resume()
         else:
             self._create()
+
+    def nbytes_estimate(self) -> int:
+        """The complete file's size in bytes, about: every row's features, labels, index and
+        logits, plus 1 MiB of HDF5 metadata."""
+        per_row = self.feature_dim * np.dtype(self.dtype).itemsize + 16 + (4 * self.num_classes if self.with_logits
+                                                                             else 0)
+        return sum(self.split_sizes.values()) * per_row + (1 << 20)
+
+    def _check_space(self) -> None:
+        """Refuse, before writing, a file its folder has no room for: HDF5 meeting a full disk
+        part-way fails inside its cache, in C, and can take the process down with it."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except (OSError, AttributeError):  # not POSIX: HDF5's own error, later
+            return
+        free = st.f_bavail * st.f_frsize
+        have = self.partial_path.stat().st_size if self.partial_path.exists() else 0
+        need = self.nbytes_estimate() - have
+        if need > free:
+            raise FeatureFileError(
+                f"{self.path}: the feature file needs about {need / 2**20:,.1f} MiB more and {self.path.parent} "
+                f"has {free / 2**20:,.1f} MiB free; free space there or choose another --out (an unfinished "
+                f"extraction resumes when run again)")
 
     # -- set-up ---------------------------------------------------------------------------
 

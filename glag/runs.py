@@ -40,7 +40,10 @@ def _atomic_replace(path: Path, write) -> None:
     removed if writing fails.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: readable by its owner only
@@ -48,10 +51,25 @@ def _atomic_replace(path: Path, write) -> None:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise write_error(path, exc) from exc
         raise
+
+
+def write_error(path: Path, exc: BaseException) -> UsageError:
+    """A failed write of ``path`` as a :class:`UsageError` naming the file, the cause and the space
+    left on its file system (a full disk is the usual cause; the run resumes once there is room)."""
+    try:
+        st = os.statvfs(Path(path).parent)
+        free = f"; {st.f_bavail * st.f_frsize / 2**20:.1f} MiB free on its file system"
+    except (OSError, AttributeError):
+        free = ""
+    return UsageError(f"could not write {path} ({type(exc).__name__}: {str(exc).strip() or 'no detail'}){free}. "
+                      f"If the disk is full, free space (or choose another --out) and run the same command with "
+                      f"--resume: the run continues from its last complete checkpoint")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -66,6 +84,19 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` atomically: a checkpoint is whole or absent."""
     _atomic_replace(path, lambda tmp: torch.save(obj, tmp))
+
+
+def torch_load_checked(path: Path, fix: str, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` of a checkpoint, a damaged file refused by name.
+
+    Raises:
+        UsageError: the file cannot be read (truncated, not a checkpoint), with ``fix``.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a corrupt file
+        raise UsageError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it may be "
+                         f"truncated: {fix}") from exc
 
 
 def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epochs",), fix: str | None = None) -> None:
@@ -175,6 +206,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _FolderLock:
+    """An exclusive ``flock`` on the run folder itself while a run writes it: a second process (a
+    resume started while the run, or a worker it left, still writes) is refused instead of
+    interleaving its rows and checkpoints with the first's. The kernel drops the lock when the
+    process ends, even by SIGKILL, so a killed run never leaves a stale one, and no lock file is
+    left in the folder. Re-entrant within a process (a notebook that resumes a run it interrupted
+    still holds that run's lock)."""
+
+    _held: dict = {}  # real path -> [descriptor, holders]
+
+    def __init__(self, key: str):
+        self.key = key
+
+    @classmethod
+    def acquire(cls, folder: Path) -> "_FolderLock | None":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return None
+        key = os.path.realpath(folder)
+        if key in cls._held:
+            cls._held[key][1] += 1
+            return cls(key)
+        fd = os.open(key, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"another process is writing the run folder {folder} now (the run, or a resume of "
+                             f"it, is still going); wait for it to finish, or stop it and resume, or choose "
+                             f"another --out") from None
+        cls._held[key] = [fd, 1]
+        return cls(key)
+
+    def release(self) -> None:
+        entry = self._held.get(self.key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._held[self.key]
+            os.close(entry[0])  # closing the descriptor drops the flock
+
+
 class RunDir:
     """A run folder. ``RunDir(path)`` creates it; ``resume=True`` accepts an existing one.
 
@@ -217,9 +292,20 @@ class RunDir:
         except OSError as exc:  # a parent that is a file, no permission, a read-only file system, ...
             raise UsageError(f"cannot write the run folder --out {self.path}: {exc.strerror or exc}; "
                              f"choose another --out") from exc
+        self._lock = _FolderLock.acquire(self.path)  # before the sweep below: another writer's files
         if self.resume:
             for tmp in self.path.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Let other processes write the folder (the lock :meth:`create` took; also released when
+        this object is collected, or when the process ends, however it ends)."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def __del__(self):
+        self.release()
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -235,11 +321,14 @@ class RunDir:
         """Append one row (an epoch) to ``summary.csv``; the header comes from the first row."""
         path = self.path / name
         new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        try:  # a row cut short by a full disk is dropped when the run resumes (truncate_summary)
+            with open(path, "a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        except OSError as exc:
+            raise write_error(path, exc) from exc
 
     def truncate_summary(self, epochs_done: int, name: str = "summary.csv") -> None:
         """Keep the header and the first ``epochs_done`` rows (a resumed run rewrites later ones)."""

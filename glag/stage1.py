@@ -50,7 +50,8 @@ from .losses import SCHEDULES, StageOneLoss, log_prior
 from .metrics import format_table, summarize
 from .models import create_model
 from .options import check_ranges
-from .runs import RunDir, atomic_torch_save, check_resume_options, continue_epochs, seed_everything
+from .runs import (RunDir, atomic_torch_save, check_resume_options, continue_epochs, seed_everything,
+                   torch_load_checked)
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +217,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.exists():
         raise InputNotFoundError(f"checkpoint {path} does not exist; train one with tools/train_stage1.py "
                                  f"(it writes best.pt and last.pt into its --out folder)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a corrupt file
-        raise UsageError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); "
-                         f"it may be truncated: use the run's other checkpoint or retrain") from exc
+    ckpt = torch_load_checked(path, "use the run's other checkpoint or retrain", map_location)
     missing = {"model", "arch", "num_classes", "in_channels", "version"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise UsageError(f"{path} is not a glag stage-one checkpoint (missing {sorted(missing)})")
@@ -268,12 +265,20 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.threads)
     cfg = _absolute_paths(cfg)
     rank, world = distributed.init_from_env()
-    main = rank == 0
     dev = distributed.device()
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                          f"{world} processes; use e.g. {cfg.batch_size - cfg.batch_size % world or world}")
     run = RunDir(cfg.out, resume=resume, create=False)  # every process checks before any writes (no race)
+    try:
+        return _train(cfg, resume, run, rank, world, dev)
+    finally:
+        run.release()  # rank 0's lock on the folder: now, not when a traceback holding the frame goes
+
+
+def _train(cfg: Stage1Config, resume: bool, run: RunDir, rank: int, world: int, dev: torch.device) -> dict:
+    """The body of :func:`train_stage1`, in process ``rank`` of ``world``."""
+    main = rank == 0
     distributed.barrier()
     seed_everything(cfg.seed + rank)
     data = dataset_from_config(cfg)

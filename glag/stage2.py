@@ -49,7 +49,7 @@ from .metrics import format_table, per_class_accuracy, summarize
 from .optim import MomentumSGD
 from .options import check_ranges
 from .runs import (RunDir, atomic_torch_save, atomic_write_bytes, atomic_write_json, check_resume_options,
-                   continue_epochs, seed_everything)
+                   continue_epochs, seed_everything, torch_load_checked)
 from .sampling import MODES, sample_calibrated
 
 log = logging.getLogger(__name__)
@@ -363,6 +363,10 @@ def check_inputs(ff, cfg: Stage2Config) -> None:
                          f"{empty[:10].tolist()}{' ...' if len(empty) > 10 else ''}); stage two needs every class in "
                          f"/train (its mean, and the samples it is topped up from). Re-extract from data that has "
                          f"every class in its train split")
+    if counts.max() <= cfg.head_threshold:
+        raise UsageError(f"{cfg.features}: no head class: --head-threshold {cfg.head_threshold} asks for more "
+                         f"training samples than the largest class has ({int(counts.max())}). Lower "
+                         f"--head-threshold, e.g. to {int(counts.max()) // 2}")
     head, tail, _ = afg.class_roles(counts, cfg.head_threshold, int(cfg.n_max or counts.max()), cfg.generate)
     if len(tail) and len(head) < cfg.k:
         raise UsageError(f"--k {cfg.k}: every tail sample takes its k nearest head classes as support, and "
@@ -454,6 +458,13 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     (every candidate's validation metrics) added.
     """
     run = RunDir(cfg.out, resume=resume)
+    try:
+        return _select_omega_init(cfg, run, resume)
+    finally:
+        run.release()
+
+
+def _select_omega_init(cfg: Stage2Config, run: RunDir, resume: bool) -> dict:
     with open_features(cfg.features) as ff:
         fingerprint = ff.fingerprint()
     folder = {w: run / "omega_init" / f"{w:g}" for w in cfg.omega_grid}
@@ -531,16 +542,33 @@ def _candidate_workers(cfg: Stage2Config) -> int:
     return max(1, cores // per_run)
 
 
-def _candidate_init(numba_threads: int, log_level: int) -> None:
-    """Worker start-up: share the cores (numba's pool is sized at import) and log warnings.
-    Ctrl-C is the parent's to handle (it terminates the pool), and tqdm's lock is a thread lock:
-    its default, a multiprocessing semaphore, would be left behind by a terminated worker (the
-    "leaked semaphore" warning at exit)."""
+def _exit_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux), and exit now if it
+    already has: a parent killed by SIGKILL runs no clean-up, and its workers would otherwise go
+    on writing their run folders beside the resumed run's."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's own exit handling only
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _candidate_init(numba_threads: int, log_level: int, parent: int) -> None:
+    """Worker start-up: exit with the parent (:func:`_exit_with_parent`), share the cores (numba's
+    pool is sized at import) and log warnings. Ctrl-C is the parent's to handle (it terminates
+    the pool), and tqdm's lock is a thread lock: its default, a multiprocessing semaphore, would be
+    left behind by a terminated worker (the "leaked semaphore" warning at exit)."""
     import signal
     import threading
 
     from tqdm.std import tqdm as std_tqdm
 
+    _exit_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     std_tqdm.set_lock(threading.RLock())  # the base class: every tqdm flavour asks it
     os.environ["NUMBA_NUM_THREADS"] = str(numba_threads)
@@ -556,8 +584,9 @@ def _candidate_run(job: tuple) -> tuple[float, float]:
 def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> None:
     """Train the (config, resume) candidates in ``workers`` fresh processes (spawned: no state of
     this one is shared). Each run is deterministic and writes only its own folder, so the results
-    equal a sequential run's. If this process is interrupted the workers are terminated at once;
-    every candidate resumes from its own ``last.pt``."""
+    equal a sequential run's. If this process is interrupted (Ctrl-C, SIGTERM) the workers are
+    terminated at once, and if it is killed they exit with it; every candidate resumes from its
+    own ``last.pt``."""
     import multiprocessing
 
     cores = _cores()
@@ -567,7 +596,7 @@ def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> No
     bar = tqdm(total=len(jobs), desc="stage two, ω_init candidates", unit="run", disable=not progress)
     # leaving the block terminates the pool: on success nothing is left, on an error or ^C nothing lingers
     with ctx.Pool(workers, initializer=_candidate_init,
-                  initargs=(max(1, cores // workers), logging.getLogger().getEffectiveLevel())) as pool:
+                  initargs=(max(1, cores // workers), logging.getLogger().getEffectiveLevel(), os.getpid())) as pool:
         for w, top1 in pool.imap_unordered(_candidate_run, jobs):
             log.info("ω_init %g: val top-1 %.2f", w, top1)
             bar.update()
@@ -578,17 +607,20 @@ def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> No
 
 def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
     run = RunDir(cfg.out, resume=resume)
-    seed_everything(cfg.seed)
-    saved = None  # the config of the run being continued (one with a checkpoint to continue from)
-    if resume and (run / "last.pt").exists() and (run / "config.json").exists():
-        saved = json.loads((run / "config.json").read_text())
-        # before the data are read: a refused resume costs nothing
-        check_resume_options(saved, dataclasses.asdict(cfg), run.path, RESUME_FREE_OPTIONS)
-    data = open_stage2_data(cfg, saved)
     try:
-        return _fit(cfg, run, data, resume)
+        seed_everything(cfg.seed)
+        saved = None  # the config of the run being continued (one with a checkpoint to continue from)
+        if resume and (run / "last.pt").exists() and (run / "config.json").exists():
+            saved = json.loads((run / "config.json").read_text())
+            # before the data are read: a refused resume costs nothing
+            check_resume_options(saved, dataclasses.asdict(cfg), run.path, RESUME_FREE_OPTIONS)
+        data = open_stage2_data(cfg, saved)
+        try:
+            return _fit(cfg, run, data, resume)
+        finally:
+            data.close()
     finally:
-        data.close()
+        run.release()  # now, not when a traceback that holds this frame lets it go
 
 
 def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
@@ -615,7 +647,8 @@ def _fit(cfg: Stage2Config, run: RunDir, data, resume: bool) -> dict:
     last_path, best_path = run / "last.pt", run / "best.pt"
     fingerprint = data.features_fingerprint
     if resume and last_path.exists():
-        ck = torch.load(last_path, map_location="cpu", weights_only=True)
+        ck = torch_load_checked(last_path, "delete it and resume, and the run starts again from epoch 1, or "
+                                           "choose another --out")
         other_file = ck.get("features_fingerprint", fingerprint) != fingerprint
         if (ck["num_classes"], ck["feature_dim"]) != (C, d) or other_file:
             raise UsageError(f"{last_path} was trained on other features (C = {ck['num_classes']}, d = "
@@ -737,7 +770,7 @@ def _restore_rng(saved: dict) -> dict:
 def finish_stage2(cfg, run, data, counts, best_path, omega, builder) -> dict:
     """Evaluate the selected classifier once on val and test; write metrics.json and omega.json."""
     C = data.num_classes
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    best = torch_load_checked(best_path, f"the run folder {run.path} is damaged; run again with another --out")
     head = torch.nn.Linear(data.feature_dim, C)
     head.load_state_dict(best["head"])
     best = {"best_epoch": best["best_epoch"]}  # drop the optimizer state it also holds

@@ -324,11 +324,13 @@ def test_stage1_resume_under_another_process_count_is_refused(tiny_run, tmp_path
     assert folder_state(copy) == before
 
 
-def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path):
-    """^C during --omega-init auto with candidates in worker processes (sent to the whole process
-    group, as a terminal does): the workers stop with the tool (no process keeps writing), the tool
-    says how to continue and nothing warns of leaked semaphores, and --resume finishes with the
-    uninterrupted result."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path, how):
+    """--omega-init auto with candidates in worker processes, stopped by ^C (sent to the whole
+    process group, as a terminal does), or by SIGTERM or SIGKILL to the tool alone (kill, a job
+    scheduler): the workers stop with the tool (no process keeps writing), the tool says how to
+    continue and nothing warns of leaked semaphores, and --resume finishes with the uninterrupted
+    result."""
     from glag.synthetic import write_synthetic_features
 
     feats = write_synthetic_features(tmp_path / "f.h5", [300, 200, 120, 60, 30, 12, 6, 3], 16,
@@ -342,12 +344,18 @@ def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path):
     deadline = time.time() + 240
     while proc.poll() is None and not list(out.glob("omega_init/*/last.pt")) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
     sent = time.time()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, "the run finished before it could be interrupted"
     assert time.time() - sent < 15  # it did not wait for the candidates to finish
-    assert "interrupted" in err and "--resume" in err and "leaked" not in err, err[-2000:]
+    if how != "sigkill":
+        said = "interrupted" if how == "ctrl-c" else "terminated"
+        assert said in err and "--resume" in err and "leaked" not in err, err[-2000:]
+        assert proc.returncode == (130 if how == "ctrl-c" else 143)
     folders = sorted(out.glob("omega_init/*"))
     assert folders and not all((f / "metrics.json").exists() for f in folders)
     before = {f.name: folder_state(f) for f in folders}

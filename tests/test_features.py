@@ -511,3 +511,25 @@ def test_output_path_is_a_folder(tmp_path):
         with pytest.raises(FeatureFileError, match=r"outdir: is a folder"):
             FeatureWriter(out, split_sizes=SIZES, feature_dim=D, num_classes=C, attrs=ATTRS, overwrite=overwrite)
     assert [p.name for p in tmp_path.iterdir()] == ["outdir"] and list(out.iterdir()) == []
+
+
+def test_a_folder_without_room_is_refused_before_writing(tmp_path, monkeypatch, data):
+    """HDF5 meeting a full disk part-way fails inside its cache (a segfault, seen on a full tmpfs):
+    the writer compares the file's size with the space left first, and writes nothing."""
+    import glag.features as features
+
+    real = os.statvfs
+
+    def small(path, free=2 << 20):
+        st = real(path)
+        return os.statvfs_result((st.f_bsize, 4096, st.f_blocks, st.f_bfree, free // 4096, *st[5:]))
+
+    sizes = {"train": 5000}
+    monkeypatch.setattr(features.os, "statvfs", small)
+    with pytest.raises(FeatureFileError, match=r"needs about 20\.2 MiB more and .* has 2\.0 MiB free; free "
+                                               r"space there or choose another --out"):
+        FeatureWriter(tmp_path / "f.h5", split_sizes=sizes, feature_dim=1000, num_classes=C, attrs=ATTRS)
+    assert list(tmp_path.iterdir()) == []
+    w = FeatureWriter(tmp_path / "g.h5", split_sizes={"train": 100}, feature_dim=D, num_classes=C, attrs=ATTRS)
+    assert w.nbytes_estimate() == 100 * (D * 4 + 16 + 4 * C) + (1 << 20)
+    w.close()

@@ -77,3 +77,39 @@ def test_continue_epochs_records_more_and_refuses_fewer(tmp_path):
     assert json.loads((run / "config.json").read_text())["epochs"] == 5
     with pytest.raises(UsageError, match="has trained 4 epochs already; --epochs 3 is fewer"):
         continue_epochs(run, 3, done=4)
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    """A run folder is written by one process at a time: a second process (a resume started while
+    the run, or a worker it left, still writes) is refused, saying what to do; the kernel frees
+    the lock when the holder dies, even by SIGKILL. Within one process the lock is re-entrant
+    (a notebook resuming a run it interrupted), and released by release()."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = RunDir(tmp_path / "run")
+    run.write_config({"a": 1})
+    again = RunDir(tmp_path / "run", resume=True)  # same process: fine
+    again.release()
+    run.release()
+    code = ("import sys, time; from glag.runs import RunDir; r = RunDir(sys.argv[1], resume=True); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UsageError, match=r"another process is writing the run folder .*run now \(the run, or a "
+                                             r"resume of it, is still going\); wait for it to finish, or stop it"):
+            RunDir(tmp_path / "run", resume=True)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    deadline = time.time() + 10
+    while True:  # the lock goes with the process
+        try:
+            RunDir(tmp_path / "run", resume=True).release()
+            break
+        except UsageError:
+            assert time.time() < deadline
+            time.sleep(0.05)

@@ -442,6 +442,8 @@ def test_unsuitable_feature_files_are_refused_before_any_folder(tmp_path):
     for path, kw, match in [(empty_val, {}, "the val split is empty"),
                             (no_class, {}, r"1 class\(es\) have no training sample \(ids \[4\]\)"),
                             (two_heads, dict(k=3), "--k 3: .* has 2 head class"),
+                            (two_heads, dict(head_threshold=250), r"no head class: --head-threshold 250 .*"
+                                                                   r"largest class has \(200\).* e\.g\. to 100"),
                             (empty_val, dict(omega_init="auto"), "the val split is empty")]:
         out = tmp_path / "run"
         with pytest.raises(UsageError, match=match):
@@ -492,6 +494,21 @@ def test_auto_resume_checks_every_candidates_features_and_epochs(feats, tmp_path
         assert json.loads((out / "omega_init" / w / "config.json").read_text())["epochs"] == 3
         assert len((out / "omega_init" / w / "summary.csv").read_text().strip().splitlines()) == 1 + 3
     assert json.loads((out / "config.json").read_text())["epochs"] == 3 and m["best_epoch"] <= 3
+
+
+def test_damaged_checkpoint_is_named_with_the_fix(feats, tmp_path):
+    """A truncated last.pt (damaged outside glag: its writes are atomic) is refused by name with
+    what to do, not a bare OSError; following the advice finishes the run."""
+    from glag.errors import UsageError
+
+    c = cfg(feats, tmp_path / "run", epochs=2, omega_init=0.6)
+    _run_epochs(c, 1)
+    last = tmp_path / "run" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(UsageError, match=r"last\.pt is not a readable checkpoint .* delete it and resume"):
+        train_stage2(c, resume=True)
+    last.unlink()
+    assert train_stage2(c, resume=True)["best_epoch"] in (1, 2)
 
 
 def test_resume_to_more_epochs_is_recorded_and_fewer_is_refused(feats, tmp_path):

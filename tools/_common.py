@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 
 def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
@@ -27,14 +29,30 @@ def cli_main(main, argv=None, on_interrupt: str = "run the same command with --r
     from glag.errors import UsageError
 
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "glag"
+    handler = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, a job scheduler) as Ctrl-C
+        handler = signal.signal(signal.SIGTERM, _terminated)
     try:
         return main(argv)
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; what was finished is kept: {on_interrupt}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\n{prog}: {how}; what was finished is kept: {on_interrupt}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python next runs, as Ctrl-C is: the same clean stop (worker pools
+    terminated, files complete or absent), exit status 143."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
