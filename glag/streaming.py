@@ -342,6 +342,9 @@ def plan_streaming(ff, cfg, budget: int, baseline: int | None = None) -> StreamP
     granule = chunk if block_rows // 16 >= chunk // 2 else max(1, block_rows // 16)
     granule = min(granule, block_rows)
     block_rows = max(granule, block_rows // granule * granule)
+    if getattr(cfg, "stream_block_rows", None) and block_rows != int(cfg.stream_block_rows):
+        log.info("--stream-block-rows %d: %d rows a block (whole granules of %d rows, at most %d)",
+                 cfg.stream_block_rows, block_rows, granule, min(n, 1 << 17))
     piece = int(np.clip(piece, B, _MAX_PIECE)) // B * B
     return StreamPlan(budget=int(budget), baseline=int(baseline), tail_dtype=tail_dtype,
                       block_rows=block_rows, granule_rows=granule, piece_samples=piece,

@@ -113,3 +113,34 @@ def test_one_writer_per_run_folder(tmp_path):
         except UsageError:
             assert time.time() < deadline
             time.sleep(0.05)
+
+
+def test_a_failed_write_names_the_file_and_the_space_left(tmp_path, monkeypatch):
+    """A write that fails (torch.save reports a full disk as a RuntimeError, plain writes as
+    OSError ENOSPC) is a usage error naming the file, the cause, the space left and how to go on;
+    no temporary file is left and the old file is kept."""
+    import errno
+
+    import torch
+
+    from glag.runs import atomic_torch_save
+
+    run = RunDir(tmp_path / "run")
+    atomic_torch_save({"epoch": 1}, run / "last.pt")
+    before = (run / "last.pt").read_bytes()
+
+    def full(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1996736 vs 1996624")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UsageError, match=r"could not write .*last\.pt \(RuntimeError: \[enforce fail.*\); "
+                                         r"[\d.,]+ MiB free on its file system\. If the disk is full, free space .* "
+                                         r"--resume"):
+        atomic_torch_save({"epoch": 2}, run / "last.pt")
+    assert (run / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("builtins.open", no_space)
+    with pytest.raises(UsageError, match=r"could not write .*summary\.csv \(OSError: \[Errno 28\] No space left"):
+        run.append_summary({"epoch": 1})

@@ -300,7 +300,8 @@ def test_command_line_run_and_its_replay_from_config_json(feats, tmp_path, capsy
 
     out = tmp_path / "cli"
     assert afg_train.main(["--features", str(feats), "--out", str(out), "--epochs", "3", "--omega-grid", "0.6", "0",
-                           "--backend", "torch", "--no-progress"]) == 0
+                           "--backend", "torch", "--threads", "1", "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["threads"] == 1  # the README's --threads
     printed = capsys.readouterr().out
     assert "ω_init chosen on val" in printed and "glag, test" in printed
     for name in ("config.json", "env.json", "metrics.json", "best.pt", "omega.json", "summary.csv",

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=("cuda", "numba", "torch"),
                    help="the sampler backend; one that cannot run here (no GPU or CuPy, no numba) falls back to the "
                         "next, with a warning (default: $GLAG_SAMPLER_BACKEND, else the fastest present)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads for the classifier; the order of its sums follows it, so give it to "
+                        "runs you want to repeat elsewhere (default: 1 for heads of d·C <= 2^20 weights, which run "
+                        "fastest single-threaded, else torch's choice)")
     g = p.add_argument_group("classifier training, METHOD.md steps 8-9")
     g.add_argument("--kd", type=_bool, metavar="BOOL", help="distil the stage-one logits on head classes")
     g.add_argument("--kd-temperature", type=float, default=2.0,
@@ -125,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "would exceed it, class statistics are accumulated in one streaming pass and training "
                         "streams /train from the HDF5 file in bounded memory (default: no budget, all in memory)")
     g.add_argument("--stream-block-rows", type=int, metavar="N",
-                   help="streaming: real rows read per block (default: cut from the budget)")
+                   help="streaming: real rows read per block, rounded down to whole granules (HDF5 chunks) "
+                        "and logged (default: cut from the budget)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw the PNG figures")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
