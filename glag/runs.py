@@ -206,6 +206,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+RUN_KINDS = {"stage1": "stage-one (tools/train_stage1.py)", "stage2": "stage-two (tools/afg_train.py)"}
+
+
+def run_kind_of(config: dict) -> str | None:
+    """The kind of run a ``config.json`` describes: its ``run_kind``, or for runs written before
+    that was recorded, told from their options (stage two's name a feature file, stage one's an
+    architecture); None if neither."""
+    kind = config.get("run_kind")
+    if kind is None:
+        kind = "stage2" if "features" in config else "stage1" if "arch" in config else None
+    return kind
+
+
+def check_run_kind(config: dict, kind: str | None, where) -> None:
+    """Refuse to continue (or to reuse the options of) a run of another kind: a stage-two run
+    resumed in a stage-one folder would overwrite its checkpoint and metrics."""
+    other = run_kind_of(config)
+    if kind is not None and other is not None and other != kind:
+        raise RunExistsError(f"{where} is a {RUN_KINDS[other]} run, not a {RUN_KINDS[kind]} one: its options are "
+                             f"not this tool's, and writing this run there would overwrite it. Give this run its own "
+                             f"--out (and --config a {RUN_KINDS[kind].split()[0]} run's config.json)")
+
+
 class _FolderLock:
     """An exclusive ``flock`` on the run folder itself while a run writes it: a second process (a
     resume started while the run, or a worker it left, still writes) is refused instead of
@@ -259,10 +282,20 @@ class RunDir:
     and so is a path that is a file (:class:`glag.errors.UsageError`).
     """
 
-    def __init__(self, path, *, resume: bool = False, marker: str = "config.json", create: bool = True):
+    def __init__(self, path, *, resume: bool = False, marker: str = "config.json", create: bool = True,
+                 kind: str | None = None):
         """Check ``path`` for a new run (or, with ``resume``, an existing one); with ``create``, also
-        :meth:`create` it (``create=False``: check now, create once the inputs have been read)."""
-        self.path, self.resume = Path(path), resume
+        :meth:`create` it (``create=False``: check now, create once the inputs have been read).
+        ``kind`` (a key of :data:`RUN_KINDS`): recorded in config.json, and a run of another kind
+        there is refused (:func:`check_run_kind`)."""
+        self.path, self.resume, self.kind = Path(path), resume, kind
+        if kind is not None and (self.path / marker).is_file():
+            try:
+                saved = json.loads((self.path / marker).read_text())
+            except (OSError, ValueError):
+                saved = None
+            if isinstance(saved, dict):
+                check_run_kind(saved, kind, self.path)
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {self.path} is a file; a run needs a folder: choose another --out")
         if self.path.is_dir() and not (self.path / marker).exists():
@@ -311,6 +344,8 @@ class RunDir:
         return self.path / name
 
     def write_config(self, config: dict, seed: int | None = None) -> None:
+        if self.kind is not None:
+            config = {**config, "run_kind": self.kind}
         atomic_write_json(self.path / "config.json", config)
         atomic_write_json(self.path / "env.json", environment(seed))
 

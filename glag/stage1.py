@@ -269,7 +269,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                          f"{world} processes; use e.g. {cfg.batch_size - cfg.batch_size % world or world}")
-    run = RunDir(cfg.out, resume=resume, create=False)  # every process checks before any writes (no race)
+    run = RunDir(cfg.out, resume=resume, create=False, kind="stage1")  # every process checks before any writes (no race)
     try:
         return _train(cfg, resume, run, rank, world, dev)
     finally:

@@ -457,7 +457,7 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     ``<out>/metrics.json`` is the winner's with ``omega_init_selected`` and ``omega_selection``
     (every candidate's validation metrics) added.
     """
-    run = RunDir(cfg.out, resume=resume)
+    run = RunDir(cfg.out, resume=resume, kind="stage2")
     try:
         return _select_omega_init(cfg, run, resume)
     finally:
@@ -606,7 +606,7 @@ def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> No
 
 
 def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
-    run = RunDir(cfg.out, resume=resume)
+    run = RunDir(cfg.out, resume=resume, kind="stage2")
     try:
         seed_everything(cfg.seed)
         saved = None  # the config of the run being continued (one with a checkpoint to continue from)

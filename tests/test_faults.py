@@ -324,6 +324,29 @@ def test_stage1_resume_under_another_process_count_is_refused(tiny_run, tmp_path
     assert folder_state(copy) == before
 
 
+def test_stage_two_never_writes_into_a_stage_one_run(tiny_run, tmp_path, capsys):
+    """``afg_train --out <stage-one run>`` said "pass --resume", and with --resume it trained stage
+    two there, overwriting stage one's best.pt. Both, and the reverse, are now refused with a
+    message (exit 2), the stage-one folder untouched."""
+    from glag.synthetic import write_synthetic_features
+    from tools import afg_train, train_stage1
+
+    root, run = tiny_run
+    feats = write_synthetic_features(tmp_path / "f.h5", [300, 200, 120, 60, 30, 12, 6, 3], 16, seed=3)
+    before = folder_state(run)
+    for extra in ([], ["--resume"]):
+        assert afg_train.cli(["--features", str(feats), "--out", str(run), "--no-progress", *extra]) == 2
+        assert "is a stage-one (tools/train_stage1.py) run, not a stage-two" in capsys.readouterr().err
+    assert folder_state(run) == before
+    s2 = tmp_path / "s2"
+    assert afg_train.cli(["--features", str(feats), "--out", str(s2), "--epochs", "1", "--omega-init", "0.6",
+                          "--backend", "torch", "--no-progress", "--no-plots"]) == 0
+    before = folder_state(s2)
+    assert train_stage1.cli(["--out", str(s2), "--resume", "--data-root", str(root)]) == 2
+    assert "is a stage-two (tools/afg_train.py) run, not a stage-one" in capsys.readouterr().err
+    assert folder_state(s2) == before
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
 def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path, how):
     """--omega-init auto with candidates in worker processes, stopped by ^C (sent to the whole

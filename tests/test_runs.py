@@ -144,3 +144,24 @@ def test_a_failed_write_names_the_file_and_the_space_left(tmp_path, monkeypatch)
     monkeypatch.setattr("builtins.open", no_space)
     with pytest.raises(UsageError, match=r"could not write .*summary\.csv \(OSError: \[Errno 28\] No space left"):
         run.append_summary({"epoch": 1})
+
+
+def test_a_run_of_the_other_stage_is_never_written_into(tmp_path):
+    """A stage-two run resumed (or started) in a stage-one folder, as "already holds a run; pass
+    --resume" used to invite, would overwrite its best.pt; the reverse read stage two's options
+    as stage one's. Both are refused, the kind recorded in config.json or told from old ones."""
+    from glag.runs import run_kind_of
+
+    one = RunDir(tmp_path / "s1", kind="stage1")
+    one.write_config({"arch": "resnet32", "epochs": 3})
+    one.release()
+    saved = json.loads((tmp_path / "s1" / "config.json").read_text())
+    assert saved["run_kind"] == "stage1"
+    for resume in (False, True):
+        with pytest.raises(RunExistsError, match=r"s1 is a stage-one \(tools/train_stage1\.py\) run, not a stage-two "
+                                                 r"\(tools/afg_train\.py\) one: .* Give this run its own --out"):
+            RunDir(tmp_path / "s1", resume=resume, kind="stage2")
+    assert json.loads((tmp_path / "s1" / "config.json").read_text()) == saved
+    assert run_kind_of({"features": "f.h5", "epochs": 3}) == "stage2"  # written before run_kind was
+    assert run_kind_of({"arch": "resnet32"}) == "stage1" and run_kind_of({"a": 1}) is None
+    RunDir(tmp_path / "s1", resume=True, kind="stage1").release()

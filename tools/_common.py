@@ -82,10 +82,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="list and folder datasets: crop size (default: %(default)s)")
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv`` (default: the command line) after ``--config`` has replaced the defaults."""
+def parse_args_with_config(parser: argparse.ArgumentParser, argv=None, kind: str | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default: the command line) after ``--config`` has replaced the defaults.
+    ``kind`` (:data:`glag.runs.RUN_KINDS`): the config must not be another kind of run's."""
     argv = sys.argv[1:] if argv is None else argv
-    apply_json_defaults(parser, argv)
+    apply_json_defaults(parser, argv, kind)
     return parser.parse_args(argv)
 
 
@@ -95,7 +96,7 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
+def apply_json_defaults(parser: argparse.ArgumentParser, argv, kind: str | None = None) -> None:
     """``--config run/config.json`` replaces the parser's defaults; flags on the command line still win.
 
     ``--resume`` without ``--config`` does the same with the run's own ``<out>/config.json``, so
@@ -121,6 +122,9 @@ def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
     if not isinstance(values, dict):
         parser.error(f"{source} holds a JSON {type(values).__name__}, not an object of option values "
                      f"(as a run's config.json does)")
+    from glag.runs import check_run_kind
+
+    check_run_kind(values, kind, source if not quiet else known.out)  # before its options are read as ours
     for action in parser._actions:  # argparse checks choices only for values given on the command line
         if action.choices is None or action.dest not in values:
             continue
@@ -129,7 +133,7 @@ def apply_json_defaults(parser: argparse.ArgumentParser, argv) -> None:
             if v not in action.choices and not (v is None and action.default is None):
                 parser.error(f"{source}: {action.dest} {v!r} is not one of {', '.join(map(str, action.choices))}")
     dests = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - dests - {"extra"})
+    unknown = sorted(set(values) - dests - {"extra", "run_kind"})
     if unknown and not quiet:
         logging.getLogger(__name__).warning("--config keys not known to this tool, ignored: %s", unknown)
     parser.set_defaults(**{k: v for k, v in values.items() if k in dests})

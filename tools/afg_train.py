@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parse_args_with_config(build_parser(), argv)
+    args = parse_args_with_config(build_parser(), argv, kind="stage2")
     setup_logging(args.verbose)
     from glag.metrics import format_table
     from glag.stage2 import Stage2Config, train_stage2

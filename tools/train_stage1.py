@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parse_args_with_config(build_parser(), argv)
+    args = parse_args_with_config(build_parser(), argv, kind="stage1")
     from glag import distributed
 
     distributed.init_from_env()  # no-op without torchrun
