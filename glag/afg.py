@@ -36,6 +36,8 @@ from typing import Any, Iterable, Optional, Union
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 log = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -78,7 +80,7 @@ def tukey(x: ArrayLike, lam: float, eps: float = 0.0) -> ArrayLike:
         Same type, shape and (floating) dtype as ``x``.
 
     Raises:
-        ValueError: a non-integer ``lam`` with negative entries (the result would be NaN), or
+        UsageError (a ValueError): a non-integer ``lam`` with negative entries (the result would be NaN), or
             ``lam <= 0`` with entries ``x + eps == 0`` (the result would be infinite).
     """
     lam = float(lam)
@@ -88,18 +90,18 @@ def tukey(x: ArrayLike, lam: float, eps: float = 0.0) -> ArrayLike:
     xs = x + eps if eps else x
     n_neg = int((xs < 0).sum())
     if n_neg and not (lam != 0.0 and lam.is_integer()):
-        raise ValueError(
+        raise UsageError(
             f"tukey(lam={lam}, eps={eps}): {n_neg} of {xs.numel() if is_torch else xs.size} "
             f"entries of x + eps are negative (min {float(xs.min()):.4g}); a non-integer power "
             f"or log of a negative number is NaN. The features must be post-ReLU (take them "
             f"after the last ReLU / global average pooling), or use an integer lambda "
-            f"(lam=1 disables the transform)."
+            f"(lam=1, --tukey-lambda 1, disables the transform)."
         )
     if lam <= 0.0:
         n_zero = int((xs == 0).sum())
         if n_zero:
             what = "log(0) = -inf" if lam == 0.0 else f"0 ** {lam} = inf"
-            raise ValueError(
+            raise UsageError(
                 f"tukey(lam={lam}, eps={eps}): {n_zero} entries of x + eps are 0 and {what}. "
                 f"Post-ReLU features have exact zeros: use lam > 0 (default 0.5), or pass a "
                 f"small eps > 0 (e.g. eps=1e-6)."
@@ -141,7 +143,7 @@ class ClassStats:
     def covariance(self, c: int) -> torch.Tensor:
         """Dense (d, d) float64 covariance of class ``c`` from the bank (tests / small d)."""
         if self.bank is None:
-            raise ValueError("ClassStats.bank is None: build it with class_statistics(..., build_bank=True)")
+            raise UsageError("ClassStats.bank is None: build it with class_statistics(..., build_bank=True)")
         return _dense_cov_from_bank(self.bank, c)
 
 

@@ -33,7 +33,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -457,9 +459,21 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     ``<out>/metrics.json`` is the winner's with ``omega_init_selected`` and ``omega_selection``
     (every candidate's validation metrics) added.
     """
+    existed = Path(cfg.out).exists()
     run = RunDir(cfg.out, resume=resume, kind="stage2")
+    new = not resume  # (a new run's folder was absent or empty: RunDir checked)
     try:
         return _select_omega_init(cfg, run, resume)
+    except UsageError:
+        # a new run refused before any candidate trained (bad features met when first loaded):
+        # nothing of it is kept, as for a single run, so the same command runs once it is fixed
+        if new and not any(run.path.rglob("last.pt")):
+            for name in ("config.json", "env.json"):
+                (run / name).unlink(missing_ok=True)
+            shutil.rmtree(run / "omega_init", ignore_errors=True)
+            if not existed:
+                shutil.rmtree(run.path, ignore_errors=True)
+        raise
     finally:
         run.release()
 
@@ -606,7 +620,7 @@ def _run_candidates_in_processes(todo: list, workers: int, progress: bool) -> No
 
 
 def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
-    run = RunDir(cfg.out, resume=resume, kind="stage2")
+    run = RunDir(cfg.out, resume=resume, kind="stage2", create=False)
     try:
         seed_everything(cfg.seed)
         saved = None  # the config of the run being continued (one with a checkpoint to continue from)
@@ -616,6 +630,7 @@ def _train_stage2(cfg: Stage2Config, resume: bool) -> dict:
             check_resume_options(saved, dataclasses.asdict(cfg), run.path, RESUME_FREE_OPTIONS)
         data = open_stage2_data(cfg, saved)
         try:
+            run.create()  # once the data are read: a data error leaves no folder behind
             return _fit(cfg, run, data, resume)
         finally:
             data.close()

@@ -450,6 +450,16 @@ def test_unsuitable_feature_files_are_refused_before_any_folder(tmp_path):
         with pytest.raises(UsageError, match=match):
             train_stage2(cfg(path, out, **kw))
         assert not out.exists()
+    # features that are not post-ReLU meet the Tukey transform when first loaded: refused by name,
+    # and nothing left behind, by a single run or by --omega-init auto's candidates
+    negative = _plain_h5py_file(tmp_path / "negative.h5", [200, 150, 40, 10, 4])
+    with h5py.File(negative, "r+") as f:
+        f["train/features"][3, 2] = -0.5
+    for kw in (dict(omega_init=0.6), dict(omega_init="auto", omega_grid=(0.6, 0.0))):
+        out = tmp_path / "run"
+        with pytest.raises(UsageError, match=r"1 of \d+ entries of x \+ eps are negative.*--tukey-lambda 1"):
+            train_stage2(cfg(negative, out, **kw))
+        assert not out.exists()
 
 
 def test_empty_test_split_is_skipped_with_a_warning(tmp_path, caplog):
