@@ -43,8 +43,8 @@ setup(
             "glag-train=glag.tools.train_stage1:cli",
             "glag-extract=glag.tools.extract:cli",
             "glag-afg-train=glag.tools.afg_train:cli",
-            "glag-bench=glag.tools.bench_kernel:main",
-            "glag-bench-stage2=glag.tools.bench_stage2:main",
+            "glag-bench=glag.tools.bench_kernel:cli",
+            "glag-bench-stage2=glag.tools.bench_stage2:cli",
             "glag-pipeline=glag.tools.pipeline:cli",
             "glag-experiment=glag.tools.experiment:cli",
         ]

@@ -423,6 +423,29 @@ def test_blas_threads_pinned_during_the_call_and_restored():
     assert get() == before
 
 
+@pytest.mark.parametrize("tool,args,named", [
+    ("bench_kernel", ["--dims", "0"], "--dims: must be 1 or more, got 0"),
+    ("bench_kernel", ["--work", "-5"], "--work: must be a finite number > 0, got -5"),
+    ("bench_kernel", ["--alpha", "-1"], "--alpha: must be a finite number >= 0, got -1"),
+    ("bench_kernel", ["--repeats", "0"], "--repeats: must be 1 or more, got 0"),
+    ("bench_stage2", ["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),  # ran 40 epochs
+    ("bench_stage2", ["--max-memory", "4Q"], "cannot read '4Q' as a memory size"),
+    ("bench_stage2", ["--path", "."], "--path . is a folder"),
+])
+def test_benchmarks_refuse_bad_options_by_name(tool, args, named, tmp_path, monkeypatch, capsys):
+    """The benchmark tools refuse values that cannot work with a message and exit status 2 (they
+    raised ZeroDivisionError, ran forever or ran another value), before writing anything."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    mod = importlib.import_module(f"glag.tools.{tool}")
+    with pytest.raises(SystemExit) as e:  # argparse's refusals exit 2 themselves
+        rc = mod.cli(args)
+        raise SystemExit(rc)
+    assert e.value.code == 2 and named in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_bench_kernel_tiny_run(tmp_path):
     """glag-bench end to end on a tiny job: table, JSON (every method, targets), plot."""

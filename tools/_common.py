@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -53,6 +54,33 @@ class Terminated(KeyboardInterrupt):
 
 def _terminated(signum, frame):
     raise Terminated()
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
+    def parse(s: str) -> int:
+        try:
+            value = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+    return parse
+
+
+def number_above(low: float, inclusive: bool = False):
+    """An argparse type: a finite number > ``low`` (>= with ``inclusive``)."""
+    def parse(s: str) -> float:
+        try:
+            value = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                                             f"got {s}")
+        return value
+    return parse
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

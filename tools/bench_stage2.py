@@ -39,9 +39,9 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import setup_logging
+    from tools._common import cli_main, setup_logging
 else:
-    from ._common import setup_logging
+    from ._common import cli_main, setup_logging
 
 import numpy as np
 
@@ -96,7 +96,7 @@ def profile_spec(name: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_stage2", description=__doc__,
+    p = argparse.ArgumentParser(prog="glag-bench-stage2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=("cifar100", "inat"), default="cifar100",
                    help="the shape of the synthetic feature file (default: %(default)s)")
@@ -222,9 +222,21 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     spec = profile_spec(args.profile)
     args.path = args.path or f"bench_{args.profile}.h5"
-    args.epochs = args.epochs or spec["epochs"]
+    if args.epochs is None:  # (--epochs 0 is refused below, not replaced)
+        args.epochs = spec["epochs"]
     if args.max_memory is None:
         args.max_memory = spec["max_memory"]
+    if not args.child_result:  # the run's options checked here, before a file is written or a child started
+        from glag.errors import UsageError
+        from glag.stage2 import Stage2Config
+
+        Stage2Config(features=str(args.path), method=args.method, omega_init=args.omega_init, epochs=args.epochs,
+                     batch_size=args.batch_size, seed=args.seed, backend=args.backend, threads=args.threads,
+                     max_memory=args.max_memory, max_steps_per_epoch=args.max_steps).resolved()
+        if os.path.isdir(args.path):
+            raise UsageError(f"--path {args.path} is a folder; give the feature file to write or reuse")
+        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a file; give a folder for the run")
     if args.child_result:
         Path(args.child_result).write_text(json.dumps(measure(args, spec)))
         return 0
@@ -283,5 +295,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The ``glag-bench-stage2`` command: :func:`main` with user errors printed, not raised."""
+    return cli_main(main, argv, "run it again: a feature file that matches is reused")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

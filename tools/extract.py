@@ -21,22 +21,9 @@ if __package__ in (None, ""):
     import os
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import cli_main, setup_logging
+    from tools._common import cli_main, int_at_least, setup_logging
 else:
-    from ._common import cli_main, setup_logging
-
-
-def _int_at_least(low: int):
-    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
-    def parse(s: str) -> int:
-        try:
-            value = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
-        return value
-    return parse
+    from ._common import cli_main, int_at_least, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
                    help="storage type of the features; float16 halves the file, read back as float32 "
                         "(default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=512,
+    p.add_argument("--batch-size", type=int_at_least(1), default=512,
                    help="images per forward pass; a resumed run must use the same (default: %(default)s)")
     p.add_argument("--data-root",
                    help="where the images are, if not where the stage-one run found them: replaces the run's "
@@ -57,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=("train", "val", "test"),
                    help="which splits to write (default: all three)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing complete --out file")
-    p.add_argument("--num-workers", type=_int_at_least(0), default=0,
+    p.add_argument("--num-workers", type=int_at_least(0), default=0,
                    help="data-loading processes (default: %(default)s)")
-    p.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
