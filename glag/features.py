@@ -719,8 +719,16 @@ def open_features(path: str | os.PathLike) -> "FeatureFile":
         # fails on some network file systems.
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
-        raise _err(path, f"is a truncated or corrupt HDF5 file ({e})",
-                   "Copy it again if it was transferred, or re-extract with tools/extract.py") from e
+        if "locking" not in str(e):
+            raise _err(path, f"is a truncated or corrupt HDF5 file ({e})",
+                       "Copy it again if it was transferred, or re-extract with tools/extract.py") from e
+        # already open in this process (h5py.File with its default locking, say, in a notebook):
+        # HDF5 shares the open file, and only under the locking it was opened with
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e2:
+            raise _err(path, f"is open in this process with other settings ({e2})",
+                       "Close the other h5py.File of it first") from e2
     try:
         info = _validate_schema(f, path)
     except BaseException:

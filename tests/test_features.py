@@ -533,3 +533,12 @@ def test_a_folder_without_room_is_refused_before_writing(tmp_path, monkeypatch, 
     w = FeatureWriter(tmp_path / "g.h5", split_sizes={"train": 100}, feature_dim=D, num_classes=C, attrs=ATTRS)
     assert w.nbytes_estimate() == 100 * (D * 4 + 16 + 4 * C) + (1 << 20)
     w.close()
+
+
+def test_a_file_already_open_in_this_process_is_read(good_file):
+    """A notebook that already holds the file open with h5py (its default locking) could not open
+    it with open_features, and was told to re-extract a healthy file."""
+    with h5py.File(good_file, "r") as h:
+        with open_features(good_file) as ff:
+            np.testing.assert_array_equal(ff.load("train").features, h["train/features"][...])
+        assert h["train/features"].shape[0] == SIZES["train"]  # still usable after ff closed
