@@ -95,8 +95,14 @@ def torch_load_checked(path: Path, fix: str, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a corrupt file
-        raise UsageError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it may be "
-                         f"truncated: {fix}") from exc
+        # the unpickler's own reason, without torch's advice around it (to load with weights_only=False:
+        # not for a file we cannot vouch for)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        if lines and lines[0].startswith("Weights only load failed"):
+            lines = [ln for ln in lines[1:] if not ln.startswith(("Please file an issue", "Check the documentation"))]
+        detail = lines[0][:300] if lines else "no detail"
+        raise UsageError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {detail}); it may be "
+                         f"truncated, or another kind of file: {fix}") from exc
 
 
 def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epochs",), fix: str | None = None) -> None:

@@ -217,7 +217,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.exists():
         raise InputNotFoundError(f"checkpoint {path} does not exist; train one with tools/train_stage1.py "
                                  f"(it writes best.pt and last.pt into its --out folder)")
-    ckpt = torch_load_checked(path, "use the run's other checkpoint or retrain", map_location)
+    ckpt = torch_load_checked(path, "give a stage-one run's best.pt or last.pt (the other one, if this one "
+                                    "is damaged), or retrain", map_location)
     missing = {"model", "arch", "num_classes", "in_channels", "version"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise UsageError(f"{path} is not a glag stage-one checkpoint (missing {sorted(missing)})")

@@ -165,3 +165,17 @@ def test_a_run_of_the_other_stage_is_never_written_into(tmp_path):
     assert run_kind_of({"features": "f.h5", "epochs": 3}) == "stage2"  # written before run_kind was
     assert run_kind_of({"arch": "resnet32"}) == "stage1" and run_kind_of({"a": 1}) is None
     RunDir(tmp_path / "s1", resume=True, kind="stage1").release()
+
+
+def test_a_file_that_is_no_checkpoint_is_named_without_torchs_advice(tmp_path):
+    """torch's weights-only error suggests weights_only=False (unsafe for a file one cannot vouch
+    for) and filing an issue; the message keeps only the unpickler's reason and our fix."""
+    from glag.runs import torch_load_checked
+
+    path = tmp_path / "config.json"
+    path.write_text('{"a": 1}')
+    with pytest.raises(UsageError) as e:
+        torch_load_checked(path, "give best.pt")
+    msg = str(e.value)
+    assert "config.json is not a readable checkpoint (UnpicklingError: Unsupported operand 123)" in msg
+    assert msg.endswith("give best.pt") and "weights_only" not in msg and "file an issue" not in msg
