@@ -771,8 +771,8 @@ def calibrated_covariance(
         bank: a ``glag.sampling.FactorBank`` (``Sigma_i = F_i F_i^T``), or a dense (C, d, d)
             array / tensor of class covariances.
         alpha: the dispersion alpha_disp (paper: 0.0 or 0.1).
-        mode: ``"all"`` adds alpha to every entry (DC's ``cov + alpha``, [ours] default);
-            ``"diag"`` adds ``alpha * I``.
+        mode: ``"all"`` adds alpha to every entry (DC's ``cov + alpha``; this function's
+            default); ``"diag"`` adds ``alpha * I`` (stage two's default, ``--alpha-mode``).
         d: feature dimension.
 
     Returns:

@@ -377,7 +377,7 @@ def test_interrupted_omega_candidates_stop_at_once_and_resume(tmp_path, how):
     assert time.time() - sent < 15  # it did not wait for the candidates to finish
     if how != "sigkill":
         said = "interrupted" if how == "ctrl-c" else "terminated"
-        assert said in err and "--resume" in err and "leaked" not in err, err[-2000:]
+        assert said in err and f"continue with --out {out} --resume" in err and "leaked" not in err, err[-2000:]
         assert proc.returncode == (130 if how == "ctrl-c" else 143)
     folders = sorted(out.glob("omega_init/*"))
     assert folders and not all((f / "metrics.json").exists() for f in folders)

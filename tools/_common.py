@@ -22,7 +22,7 @@ def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
 
 
-def cli_main(main, argv=None, on_interrupt: str = "run the same command with --resume to continue") -> int:
+def cli_main(main, argv=None, on_interrupt="run the same command with --resume to continue") -> int:
     """Run a tool's ``main(argv)`` as a command. A :class:`glag.errors.UsageError` (a bad option,
     path or input file; its message names the problem and the fix) is printed without a
     traceback, exit status 2; Ctrl-C says how to go on, exit status 130. ``main`` itself raises,
@@ -40,11 +40,22 @@ def cli_main(main, argv=None, on_interrupt: str = "run the same command with --r
         return 2
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"\n{prog}: {how}; what was finished is kept: {on_interrupt}", file=sys.stderr)
+        hint = on_interrupt(argv) if callable(on_interrupt) else on_interrupt
+        print(f"\n{prog}: {how}; what was finished is kept: {hint}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
+
+
+def resume_hint(parser: argparse.ArgumentParser):
+    """``on_interrupt`` for :func:`cli_main`: how to continue the run, naming its actual ``--out``."""
+    def hint(argv) -> str:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--out", default=parser.get_default("out"))
+        out = pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].out
+        return f"continue with --out {out} --resume" if out else "continue with --out <its folder> --resume"
+    return hint
 
 
 class Terminated(KeyboardInterrupt):

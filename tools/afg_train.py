@@ -23,9 +23,9 @@ if __package__ in (None, ""):
     import os
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import cli_main, config_from_args, parse_args_with_config, setup_logging
+    from tools._common import cli_main, config_from_args, parse_args_with_config, resume_hint, setup_logging
 else:
-    from ._common import cli_main, config_from_args, parse_args_with_config, setup_logging
+    from ._common import cli_main, config_from_args, parse_args_with_config, resume_hint, setup_logging
 
 
 def _bool(s: str) -> bool:
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """The ``glag-afg-train`` command: :func:`main` with user errors printed, not raised."""
-    return cli_main(main, argv, "continue with --out <the same folder> --resume")
+    return cli_main(main, argv, resume_hint(build_parser()))
 
 
 if __name__ == "__main__":

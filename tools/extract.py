@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a stage-one checkpoint (best.pt or last.pt of a run)")
     p.add_argument("--out", default="feats.h5", help="the feature file to write (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
-                   help="storage type of the features; float16 halves the file, read back as float32 "
+                   help="storage type of the features; float16 halves their share of the file (the logits stay "
+                        "float32), read back as float32 "
                         "(default: %(default)s)")
     p.add_argument("--batch-size", type=int_at_least(1), default=512,
                    help="images per forward pass; a resumed run must use the same (default: %(default)s)")

@@ -21,9 +21,11 @@ if __package__ in (None, ""):  # run as a script: make "tools" importable as a p
     import os
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools._common import add_data_args, cli_main, config_from_args, parse_args_with_config, setup_logging
+    from tools._common import (add_data_args, cli_main, config_from_args, parse_args_with_config, resume_hint,
+                               setup_logging)
 else:
-    from ._common import add_data_args, cli_main, config_from_args, parse_args_with_config, setup_logging
+    from ._common import (add_data_args, cli_main, config_from_args, parse_args_with_config, resume_hint,
+                          setup_logging)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """The ``glag-train`` command: :func:`main` with user errors printed, not raised."""
-    return cli_main(main, argv, "continue with --out <the same folder> --resume")
+    return cli_main(main, argv, resume_hint(build_parser()))
 
 
 if __name__ == "__main__":
