@@ -58,5 +58,6 @@ def format_table(rows: dict[str, dict[str, float]], columns=("top1",) + GROUPS) 
     width = max([len(r) for r in rows] + [6])
     lines = [f"{'':<{width}}  " + "  ".join(f"{c:>7}" for c in columns)]
     for name, vals in rows.items():
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{vals.get(c, float('nan')):7.2f}" for c in columns))
+        shown = [vals.get(c) for c in columns]  # None: an empty group, as metrics.json stores NaN
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{float('nan') if v is None else v:7.2f}" for v in shown))
     return "\n".join(lines)

@@ -79,7 +79,8 @@ def plot_omega_selection(metrics: dict, path) -> Path:
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (key, style) in enumerate((("top1", "o-"), ("many", "^--"), ("medium", "s--"), ("few", "v--"))):
-        ax.plot(x, [sel[n].get(key, np.nan) for n in names], style, label=key, lw=2 if key == "top1" else 1)
+        ys = np.array([sel[n].get(key) for n in names], dtype=float)  # None (an empty group) -> NaN
+        ax.plot(x, ys, style, label=key, lw=2 if key == "top1" else 1)
     chosen = names.index(f"{metrics['omega_init_selected']:g}")
     ax.axvline(chosen, color="grey", lw=6, alpha=0.25, label="chosen (best val top-1)")
     ax.set_xticks(x, [f"ω_init {n}" for n in names])

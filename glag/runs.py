@@ -77,8 +77,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def _finite_or_null(x):
+    """``x`` with every NaN or infinite float as None: JSON has no NaN (Python's json writes a bare
+    ``NaN`` that other readers refuse); a metric of an empty group reads back as null."""
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _finite_or_null(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
+    """``obj`` as indented JSON, written atomically; NaN and inf are written as null."""
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_torch_save(obj, path: Path) -> None:

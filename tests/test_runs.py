@@ -179,3 +179,19 @@ def test_a_file_that_is_no_checkpoint_is_named_without_torchs_advice(tmp_path):
     msg = str(e.value)
     assert "config.json is not a readable checkpoint (UnpicklingError: Unsupported operand 123)" in msg
     assert msg.endswith("give best.pt") and "weights_only" not in msg and "file an issue" not in msg
+
+
+def test_json_files_hold_null_not_nan(tmp_path):
+    """A metric of an empty group is NaN in memory; metrics.json must stay valid JSON for other
+    readers (Python's json wrote a bare NaN), so it is written as null, and shown as nan."""
+    import numpy as np
+
+    from glag.metrics import format_table
+
+    m = {"test": {"top1": 50.0, "many": float("nan"), "few": np.float32("inf")}, "per_class": np.array([0.5, np.nan])}
+    atomic_write_json(tmp_path / "metrics.json", m)
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert back == {"test": {"top1": 50.0, "many": None, "few": None}, "per_class": [0.5, None]}
+    assert "nan" in format_table({"run": back["test"]}, columns=("top1", "many"))
