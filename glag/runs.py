@@ -126,8 +126,9 @@ def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epoc
 
     saved: the options the run was started with (its checkpoint's or config.json); current:
     this command's. Options in ``free`` (paths, threads, progress: how, not what) may differ;
-    so may those in ``warn`` (``--epochs``: continue a run to a new length), with a warning that
-    the result is then not the uninterrupted run's. An option missing on either side is not compared.
+    so may those in ``warn`` (``--epochs``: continue a run to a new length), which the caller
+    checks and warns of once it knows the run's progress (:func:`continue_epochs`: a warning
+    before a refusal would contradict it). An option missing on either side is not compared.
     ``fix``: the message's last sentence, what to do instead (default: for ``--resume``).
 
     Raises:
@@ -136,12 +137,8 @@ def check_resume_options(saved: dict, current: dict, where, free=(), warn=("epoc
     def norm(v):  # tuples and lists alike, as config.json stores them
         return json.loads(json.dumps(v, default=_jsonable))
 
-    diff = [k for k in sorted(set(saved) & set(current)) if k not in free and norm(saved[k]) != norm(current[k])]
-    for k in [k for k in diff if k in warn]:
-        log.warning("resuming %s with --%s %r (it was started with %r): the schedules follow the new value from "
-                    "here on, so the result differs from an uninterrupted run with it", where, k.replace("_", "-"),
-                    current[k], saved[k])
-    diff = [k for k in diff if k not in warn]
+    diff = [k for k in sorted(set(saved) & set(current))
+            if k not in free and k not in warn and norm(saved[k]) != norm(current[k])]
     if diff:
         details = "; ".join(f"{flag(k)}: {saved[k]!r} in the run, {current[k]!r} now" for k in diff)
         raise UsageError(f"{where} was started with other options ({details}). " + (
@@ -164,6 +161,9 @@ def continue_epochs(run: "RunDir", epochs: int, done: int, write: bool = True) -
     if write and path.exists():
         saved = json.loads(path.read_text())
         if saved.get("epochs", epochs) != epochs:
+            log.warning("resuming %s with --epochs %d (it was started with %d): the schedules follow the new value "
+                        "from here on, so the result differs from an uninterrupted run with it", run.path, epochs,
+                        saved["epochs"])
             atomic_write_json(path, {**saved, "epochs": epochs})
 
 

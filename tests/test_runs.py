@@ -68,15 +68,25 @@ def test_atomic_files_get_the_mode_of_the_umask(tmp_path):
     assert mode == stat.S_IMODE(plain.stat().st_mode)
 
 
-def test_continue_epochs_records_more_and_refuses_fewer(tmp_path):
+def test_continue_epochs_records_more_and_refuses_fewer(tmp_path, caplog):
+    """More epochs: recorded, with one warning; fewer than done: refused, with no warning first
+    (it used to warn that the schedules would follow the new value, then refuse it)."""
+    from glag.runs import check_resume_options
+
     run = RunDir(tmp_path / "run")
     run.write_config({"epochs": 3, "lr": 0.1})
-    continue_epochs(run, 5, done=3)
+    with caplog.at_level("WARNING", logger="glag.runs"):
+        continue_epochs(run, 5, done=3)
+    assert [r.getMessage() for r in caplog.records if "--epochs 5 (it was started with 3)" in r.getMessage()]
     assert json.loads((run / "config.json").read_text()) == {"epochs": 5, "lr": 0.1}
     continue_epochs(run, 7, done=3, write=False)
     assert json.loads((run / "config.json").read_text())["epochs"] == 5
-    with pytest.raises(UsageError, match="has trained 4 epochs already; --epochs 3 is fewer"):
-        continue_epochs(run, 3, done=4)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="glag.runs"):
+        check_resume_options({"epochs": 5, "lr": 0.1}, {"epochs": 3, "lr": 0.1}, run.path)
+        with pytest.raises(UsageError, match="has trained 4 epochs already; --epochs 3 is fewer"):
+            continue_epochs(run, 3, done=4)
+    assert caplog.records == []
 
 
 def test_one_writer_per_run_folder(tmp_path):

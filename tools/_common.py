@@ -20,6 +20,8 @@ def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
         level = logging.WARNING
         fmt = f"%(asctime)s %(levelname)s [rank {os.environ.get('RANK', '?')}] %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    if not verbose:  # faiss logs its search for CPU-specific builds ("Could not load library with AVX2 ...")
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def cli_main(main, argv=None, on_interrupt="run the same command with --resume to continue") -> int:
