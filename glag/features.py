@@ -808,10 +808,10 @@ class FeatureFile:
             row = _first_nonfinite_row(features[a:b])
             if row is not None:
                 if np.isfinite(part[row]).all():
+                    fix = ("Load it as float32 (dtype=np.float32)" if dtype.itemsize < 4 else
+                           "The file holds values no float32 feature can have: re-extract with tools/extract.py")
                     raise _err(self.path, f"split {split!r} row {positions[a + row]}: feature magnitude "
-                               f"{float(np.abs(part[row]).max()):.4g} exceeds the range of {dtype}",
-                               "Load it as float32 (dtype=np.float32), or re-extract with tools/extract.py "
-                               "if float32 overflows too")
+                               f"{float(np.abs(part[row]).max()):.4g} exceeds the range of {dtype}", fix)
                 raise _err(self.path, f"split {split!r} row {positions[a + row]}: feature is NaN or inf",
                            "The file is damaged or was written from a diverged model; re-extract "
                            "with tools/extract.py")

@@ -7,12 +7,14 @@ interrupted run never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import csv
+import errno
 import importlib.metadata
 import json
 import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +45,9 @@ def _atomic_replace(path: Path, write) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise write_error(path, exc) from exc
+        if _is_write_failure(exc):
+            raise write_error(path, exc) from exc
+        raise
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: readable by its owner only
@@ -54,9 +58,22 @@ def _atomic_replace(path: Path, write) -> None:
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+        if _is_write_failure(exc):
             raise write_error(path, exc) from exc
         raise
+
+
+# what a failed write looks like: the file system's errors, and torch.save's writer reporting one
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+_TORCH_WRITER_FAILURES = ("inline_container", "PytorchStreamWriter", "unexpected pos", "iostream error")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while writing a file, is the storage failing (a full disk, a quota,
+    a read-only or failing device), not a bug elsewhere (a CUDA fault met by torch.save's copy)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _WRITE_ERRNOS
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITER_FAILURES)
 
 
 def write_error(path: Path, exc: BaseException) -> UsageError:
@@ -68,8 +85,9 @@ def write_error(path: Path, exc: BaseException) -> UsageError:
     except (OSError, AttributeError):
         free = ""
     return UsageError(f"could not write {path} ({type(exc).__name__}: {str(exc).strip() or 'no detail'}){free}. "
-                      f"If the disk is full, free space (or choose another --out) and run the same command with "
-                      f"--resume: the run continues from its last complete checkpoint")
+                      f"If the disk is full, free space and run the same command with --resume (or move the "
+                      f"run's folder to a disk with room and resume it there): the run continues from its last "
+                      f"complete checkpoint")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -110,6 +128,8 @@ def torch_load_checked(path: Path, fix: str, map_location="cpu") -> dict:
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a corrupt file
         # the unpickler's own reason, without torch's advice around it (to load with weights_only=False:
         # not for a file we cannot vouch for)
@@ -277,8 +297,12 @@ class _FolderLock:
         fd = os.open(key, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a file system without locks (NFS, FUSE)
+                log.warning("cannot lock the run folder %s (%s): two processes writing it at once would not be "
+                            "stopped", folder, exc.strerror or exc)
+                return None
             raise UsageError(f"another process is writing the run folder {folder} now (the run, or a resume of "
                              f"it, is still going); wait for it to finish, or stop it and resume, or choose "
                              f"another --out") from None
@@ -310,14 +334,22 @@ class RunDir:
         :meth:`create` it (``create=False``: check now, create once the inputs have been read).
         ``kind`` (a key of :data:`RUN_KINDS`): recorded in config.json, and a run of another kind
         there is refused (:func:`check_run_kind`)."""
-        self.path, self.resume, self.kind = Path(path), resume, kind
-        if kind is not None and (self.path / marker).is_file():
+        self.path, self.resume, self.kind, self.marker = Path(path), resume, kind, marker
+        self._lock = None
+        self._check()
+        if create:
+            self.create()
+
+    def _check(self) -> None:
+        """The checks of :meth:`__init__` (run again by :meth:`create` under the lock)."""
+        marker = self.marker
+        if self.kind is not None and (self.path / marker).is_file():
             try:
                 saved = json.loads((self.path / marker).read_text())
             except (OSError, ValueError):
                 saved = None
             if isinstance(saved, dict):
-                check_run_kind(saved, kind, self.path)
+                check_run_kind(saved, self.kind, self.path)
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {self.path} is a file; a run needs a folder: choose another --out")
         if self.path.is_dir() and not (self.path / marker).exists():
@@ -327,18 +359,19 @@ class RunDir:
                 shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
                 raise RunExistsError(f"--out {self.path} is not empty ({shown}) and holds no run (no {marker}); "
                                      f"its files would be overwritten: choose a new or empty folder")
-        elif self.path.is_dir() and not resume:
+        elif self.path.is_dir() and not self.resume:
             raise RunExistsError(
                 f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
-        if resume and not (self.path / marker).exists():
+        if self.resume and not (self.path / marker).exists():
             raise UsageError(f"--resume: {self.path} holds no run to continue (no {marker}); check --out, or "
                              f"start the run without --resume")
-        if create:
-            self.create()
 
     def create(self) -> None:
-        """Make the folder (and check it can be written); when resuming, remove the temporary files
-        of atomic writes a killed run left (only one process may call this while nothing writes)."""
+        """Make the folder (and check it can be written), take the folder's lock and check it
+        again under the lock (another run may have taken it since :meth:`__init__`, while this
+        one read its data); when resuming, remove the temporary files of atomic writes a killed
+        run left."""
+        existed = self.path.is_dir()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test.")  # writable (root ignores modes)
@@ -347,10 +380,39 @@ class RunDir:
         except OSError as exc:  # a parent that is a file, no permission, a read-only file system, ...
             raise UsageError(f"cannot write the run folder --out {self.path}: {exc.strerror or exc}; "
                              f"choose another --out") from exc
-        self._lock = _FolderLock.acquire(self.path)  # before the sweep below: another writer's files
+        lock = _FolderLock.acquire(self.path)  # before the sweep below: another writer's files
+        try:
+            self._check()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            if not existed:  # the folder this call made, if it is still empty (never another run's files)
+                try:
+                    os.rmdir(self.path)
+                except OSError:
+                    pass
+            raise
+        self._lock = lock
+        # what discard_new() may remove: only what this run writes from here on
+        self._existed, self._before = existed, {p.name for p in self.path.iterdir()}
         if self.resume:
             for tmp in self.path.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+
+    def discard_new(self) -> None:
+        """Remove what a new run (``resume=False``) wrote, when it is refused before its first
+        checkpoint (data found damaged when first read, say), so that the same command runs once
+        the input is fixed. Safe by construction: a new run's folder was absent, or empty but for
+        hidden files, which are kept (as is the folder then)."""
+        if self.resume or self._lock is None or not self.path.is_dir():  # (created by this process only)
+            return
+        if not self._existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for p in self.path.iterdir():
+            if p.name in self._before:
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Let other processes write the folder (the lock :meth:`create` took; also released when
@@ -385,7 +447,9 @@ class RunDir:
                     writer.writeheader()
                 writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         except OSError as exc:
-            raise write_error(path, exc) from exc
+            if _is_write_failure(exc):
+                raise write_error(path, exc) from exc
+            raise
 
     def truncate_summary(self, epochs_done: int, name: str = "summary.csv") -> None:
         """Keep the header and the first ``epochs_done`` rows (a resumed run rewrites later ones)."""

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import build_dataset, iterate_batches
+from .data import build_dataset, iterate_batches, num_batches
 from .data.base import shard_split
 from .errors import InputNotFoundError, UsageError
 from .inference import iterate_outputs
@@ -270,9 +270,13 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> dict:
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the "
                          f"{world} processes; use e.g. {cfg.batch_size - cfg.batch_size % world or world}")
-    run = RunDir(cfg.out, resume=resume, create=False, kind="stage1")  # every process checks before any writes (no race)
+    run = RunDir(cfg.out, resume=resume, create=False, kind="stage1")  # each process checks before any writes
     try:
         return _train(cfg, resume, run, rank, world, dev)
+    except UsageError:  # a new run refused before its first checkpoint (a damaged image): nothing of it kept
+        if rank == 0 and not (run / "last.pt").exists():
+            run.discard_new()
+        raise
     finally:
         run.release()  # rank 0's lock on the folder: now, not when a traceback holding the frame goes
 
@@ -300,7 +304,14 @@ def _train(cfg: Stage1Config, resume: bool, run: RunDir, rank: int, world: int, 
     loss_fn = StageOneLoss(cfg.loss, log_prior(counts).to(dev), cfg.epochs, cfg.tau, cfg.schedule,
                            cfg.tau_alpha, cfg.tau_beta)
 
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    # BatchNorm cannot train on one image a process: a last batch that small (N % batch <= processes)
+    # is left out of each epoch (the shuffle leaves out other images each time); others are kept
+    left = len(data.train) % cfg.batch_size
+    drop_last = 0 < left <= world
+    if drop_last:
+        log.info("the last batch of each epoch would hold %d image(s) for %d process(es), too few for "
+                 "BatchNorm: it is left out (another %d each epoch, by the shuffle)", left, world, left)
+    steps_per_epoch = num_batches(data.train, cfg.batch_size, drop_last)
     total_steps = steps_per_epoch * cfg.epochs
     log.info("%d process(es) x %d images = effective batch %d (global), %d steps per epoch, device %s",
              world, cfg.batch_size // world, cfg.batch_size, steps_per_epoch, dev)
@@ -356,7 +367,8 @@ def _train(cfg: Stage1Config, resume: bool, run: RunDir, rank: int, world: int, 
         net.train()
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
         batches = iterate_batches(data.train, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed,
-                                  epoch=epoch, num_workers=cfg.num_workers, rank=rank, world_size=world)
+                                  epoch=epoch, num_workers=cfg.num_workers, rank=rank, world_size=world,
+                                  drop_last=drop_last)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (cfg.progress and main), unit="batch")
         for i, (x, y, _) in enumerate(bar):

@@ -33,9 +33,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -459,23 +457,26 @@ def select_omega_init(cfg: Stage2Config, resume: bool = False) -> dict:
     ``<out>/metrics.json`` is the winner's with ``omega_init_selected`` and ``omega_selection``
     (every candidate's validation metrics) added.
     """
-    existed = Path(cfg.out).exists()
     run = RunDir(cfg.out, resume=resume, kind="stage2")
-    new = not resume  # (a new run's folder was absent or empty: RunDir checked)
     try:
         return _select_omega_init(cfg, run, resume)
     except UsageError:
         # a new run refused before any candidate trained (bad features met when first loaded):
         # nothing of it is kept, as for a single run, so the same command runs once it is fixed
-        if new and not any(run.path.rglob("last.pt")):
-            for name in ("config.json", "env.json"):
-                (run / name).unlink(missing_ok=True)
-            shutil.rmtree(run / "omega_init", ignore_errors=True)
-            if not existed:
-                shutil.rmtree(run.path, ignore_errors=True)
+        if not any(run.path.rglob("last.pt")):
+            run.discard_new()
         raise
     finally:
         run.release()
+
+
+def _epochs_done(folder) -> int:
+    """Epochs a stage-two run folder has trained: its ``last.pt``'s (0 without one). Its config's
+    ``epochs`` is the length asked for, which a continuation writes before it trains."""
+    last = folder / "last.pt"
+    if not last.exists():
+        return 0
+    return int(torch_load_checked(last, f"delete {folder} and resume: that candidate is trained again")["epoch"])
 
 
 def _select_omega_init(cfg: Stage2Config, run: RunDir, resume: bool) -> dict:
@@ -498,17 +499,19 @@ def _select_omega_init(cfg: Stage2Config, run: RunDir, resume: bool) -> dict:
             raise UsageError(f"{run.path}{where} was trained on other features (fingerprint {fp}) than "
                              f"{cfg.features} (fingerprint {fingerprint}); resume with the run's --features, "
                              f"or choose another --out")
-        continue_epochs(run, cfg.epochs, 0)  # each candidate checks the epochs it has done
+    done = {w: _epochs_done(folder[w]) for w in cfg.omega_grid}  # what was trained, from the checkpoints
+    if (run / "config.json").exists():
+        # refused before anything is written if a candidate has trained more epochs than asked now
+        continue_epochs(run, cfg.epochs, max(done.values(), default=0))
     else:
         run.write_config({**dataclasses.asdict(cfg), "features_fingerprint": fingerprint}, cfg.seed)
     log.info("ω_init auto: %d stage-two runs, ω_init in %s, the best on validation kept (a number for "
              "--omega-init runs one)", len(cfg.omega_grid), list(cfg.omega_grid))
     todo = []
     for w in dict.fromkeys(cfg.omega_grid):
-        done = (folder[w] / "metrics.json").exists()
-        if done and json.loads((folder[w] / "config.json").read_text())["epochs"] == cfg.epochs:
+        if (folder[w] / "metrics.json").exists() and done[w] == cfg.epochs:
             log.info("ω_init %g: finished earlier (%s)", w, folder[w])
-        else:  # not finished, or finished with fewer --epochs than asked now: continued
+        else:  # not finished, or finished (or being continued) with fewer --epochs than asked now
             todo.append((dataclasses.replace(cfg, omega_init=w, out=str(folder[w])),
                          resume and (folder[w] / "config.json").exists()))
     workers = min(len(todo), cfg.omega_workers or _candidate_workers(cfg))

@@ -97,3 +97,28 @@ def test_folder_from_stage1_config(tmp_path, monkeypatch):
     assert cfg.arch == "resnet10"
     ds = dataset_from_config(cfg)
     assert ds.name == "folder" and ds.class_counts.tolist() == [4, 3, 6]
+
+
+def test_stage1_refused_on_a_damaged_image_keeps_nothing(tmp_path):
+    """A damaged image is met when its batch is first read, after the run folder was written: the
+    refused new run used to leave config.json, env.json and indices.npz, so the same command, with
+    the image fixed, was refused ("already holds a run"). Nothing is kept now, and it runs."""
+    from glag.stage1 import train_stage1
+
+    root = make_tree(tmp_path / "tree")
+    bad = root / "train" / "b_cat" / "img01.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".keep").write_text("")
+    for out in (tmp_path / "run", tmp_path / "empty"):
+        cfg = Stage1Config(dataset="folder", data_root=str(root), out=str(out), image_size=16, epochs=1,
+                           batch_size=4, eval_batch_size=8, progress=False, arch="resnet10")
+        with pytest.raises(DatasetCorruptError, match="img01.jpg"):
+            train_stage1(cfg)
+        assert not (tmp_path / "run").exists() and [p.name for p in (tmp_path / "empty").iterdir()] == [".keep"]
+    bad.write_bytes(good)
+    # 13 training images in batches of 4: the last batch, of 1 image, cannot train BatchNorm (it
+    # raised); it is left out of the epoch
+    assert "val" in train_stage1(cfg)
+    assert len((tmp_path / "empty" / "summary.csv").read_text().splitlines()) == 2

@@ -149,6 +149,13 @@ def test_a_failed_write_names_the_file_and_the_space_left(tmp_path, monkeypatch)
     assert (run / "last.pt").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt"]
 
+    def cuda_fault(obj, path):  # a bug met while saving is not a full disk: raised as it is
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(torch, "save", cuda_fault)
+    with pytest.raises(RuntimeError, match="illegal memory access") as e:
+        atomic_torch_save({"epoch": 2}, run / "last.pt")
+    assert not isinstance(e.value, UsageError)
+
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr("builtins.open", no_space)
@@ -205,3 +212,42 @@ def test_json_files_hold_null_not_nan(tmp_path):
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert back == {"test": {"top1": 50.0, "many": None, "few": None}, "per_class": [0.5, None]}
     assert "nan" in format_table({"run": back["test"]}, columns=("top1", "many"))
+
+
+def test_a_folder_taken_while_a_run_read_its_data_is_checked_again(tmp_path, monkeypatch, caplog):
+    """Two new runs given one --out both pass the check made before their data load; the second to
+    create the folder used to write over the first's run. The check is made again under the lock,
+    and a refused run removes nothing it did not write. A file system without locks warns."""
+    import errno
+    import fcntl
+
+    a = RunDir(tmp_path / "run", create=False)
+    b = RunDir(tmp_path / "run", create=False)
+    a.create()
+    a.write_config({"who": "a"})
+    a.release()
+    with pytest.raises(RunExistsError, match="already holds a run"):
+        b.create()
+    b.discard_new()  # it created nothing: nothing to remove
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["who"] == "a"
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="glag.runs"):
+        RunDir(tmp_path / "nfs").release()
+    assert any("cannot lock the run folder" in r.getMessage() for r in caplog.records)
+
+
+def test_the_interrupt_hint_names_the_runs_out(tmp_path):
+    """How to continue names the run's --out: the command line's, else --config's (it named the
+    tool's default folder when --out came from --config)."""
+    from tools import afg_train
+    from tools._common import resume_hint
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"out": str(tmp_path / "myrun"), "epochs": 3}))
+    hint = resume_hint(afg_train.build_parser)
+    assert hint(["--config", str(cfg)]) == f"continue with --out {tmp_path / 'myrun'} --resume"
+    assert hint(["--config", str(cfg), "--out", "y"]) == "continue with --out y --resume"
+    assert hint(["--features", "f.h5"]) == f"continue with --out {afg_train.build_parser().get_default('out')} --resume"

@@ -500,10 +500,35 @@ def test_auto_resume_checks_every_candidates_features_and_epochs(feats, tmp_path
         with pytest.raises(UsageError, match=r"trained on other features \(fingerprint [0-9a-f]+\) than .*other\.h5"):
             train_stage2(dataclasses.replace(c, features=str(other)), resume=True)
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    train_stage2(c, resume=True)  # the same --features again: finishes candidate 0
+    # fewer epochs than trained: refused before anything is written (it used to warn, then write
+    # the new length into config.json, then refuse)
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match="has trained 2 epochs already; --epochs 1 is fewer"):
+        train_stage2(dataclasses.replace(c, epochs=1), resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+    # a continuation to 3 epochs stopped inside candidate 0.6 (its config already says 3, its
+    # metrics.json is the 2-epoch one): the next resume continues it, it is not taken as finished
+    import glag.stage2 as s2
+
+    real = s2.EpochBuilder.build
+
+    def stop_at_epoch_3(self, epoch, omega):
+        if epoch >= 2:
+            raise KeyboardInterrupt
+        return real(self, epoch, omega)
+    s2.EpochBuilder.build = stop_at_epoch_3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_stage2(dataclasses.replace(c, epochs=3), resume=True)
+    finally:
+        s2.EpochBuilder.build = real
+    assert json.loads((out / "omega_init" / "0.6" / "config.json").read_text())["epochs"] == 3
     m = train_stage2(dataclasses.replace(c, epochs=3), resume=True)
     for w in ("0.6", "0"):
         assert json.loads((out / "omega_init" / w / "config.json").read_text())["epochs"] == 3
         assert len((out / "omega_init" / w / "summary.csv").read_text().strip().splitlines()) == 1 + 3
+        assert torch.load(out / "omega_init" / w / "last.pt", weights_only=True)["epoch"] == 3
     assert json.loads((out / "config.json").read_text())["epochs"] == 3 and m["best_epoch"] <= 3
 
 

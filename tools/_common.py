@@ -27,12 +27,13 @@ def setup_logging(verbose: bool = False, main_process: bool = True) -> None:
 def cli_main(main, argv=None, on_interrupt="run the same command with --resume to continue") -> int:
     """Run a tool's ``main(argv)`` as a command. A :class:`glag.errors.UsageError` (a bad option,
     path or input file; its message names the problem and the fix) is printed without a
-    traceback, exit status 2; Ctrl-C says how to go on, exit status 130. ``main`` itself raises,
-    so that tools calling each other (``pipeline``) stop at the first error."""
+    traceback, exit status 2; Ctrl-C says how to go on (``on_interrupt``: a string, or a callable of
+    ``argv`` returning one), exit status 130, and SIGTERM the same, exit status 143. ``main`` itself
+    raises, so that tools calling each other (``pipeline``) stop at the first error."""
     from glag.errors import UsageError
 
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "glag"
-    handler = None
+    handler = signal.SIG_DFL
     if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, a job scheduler) as Ctrl-C
         handler = signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -46,16 +47,23 @@ def cli_main(main, argv=None, on_interrupt="run the same command with --resume t
         print(f"\n{prog}: {how}; what was finished is kept: {hint}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
+        if threading.current_thread() is threading.main_thread():  # (None: a handler set outside Python)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
-def resume_hint(parser: argparse.ArgumentParser):
-    """``on_interrupt`` for :func:`cli_main`: how to continue the run, naming its actual ``--out``."""
+def resume_hint(build_parser):
+    """``on_interrupt`` for :func:`cli_main`: how to continue the run, naming its actual ``--out``
+    (``build_parser()``: the tool's parser, made afresh for each use)."""
     def hint(argv) -> str:
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--out", default=parser.get_default("out"))
-        out = pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].out
+        argv = sys.argv[1:] if argv is None else argv
+        try:  # the --out the run used: the command line's, else --config's, else the default
+            parser = build_parser()
+            apply_json_defaults(parser, argv)
+            pre = argparse.ArgumentParser(add_help=False)
+            pre.add_argument("--out", default=parser.get_default("out"))
+            out = pre.parse_known_args(argv)[0].out
+        except (SystemExit, Exception):  # noqa: BLE001 - a hint must not fail the exit
+            out = None
         return f"continue with --out {out} --resume" if out else "continue with --out <its folder> --resume"
     return hint
 

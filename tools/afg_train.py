@@ -169,7 +169,7 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """The ``glag-afg-train`` command: :func:`main` with user errors printed, not raised."""
-    return cli_main(main, argv, resume_hint(build_parser()))
+    return cli_main(main, argv, resume_hint(build_parser))
 
 
 if __name__ == "__main__":

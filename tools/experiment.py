@@ -93,7 +93,9 @@ def main(argv=None) -> int:
     table = aggregate(out, args.losses, args.seeds, args.methods)
     md = to_markdown(table, f"{args.dataset}, test accuracy (%), mean ± std over seeds {args.seeds}")
     (out / "table.md").write_text(md)
-    (out / "table.json").write_text(json.dumps(table, indent=2))
+    from glag.runs import atomic_write_json
+
+    atomic_write_json(out / "table.json", table)  # (NaN, e.g. an empty group, as null)
     print(md)
     return 0
 
