@@ -647,8 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small run: cifar100-lt and imagenet-lt, d = 64/512/2048, k = 3, 40 GFLOP a config, 3 repeats")
     g.add_argument("--profiles", nargs="+", choices=PROFILES, default=None,
                    help="class-count profiles (default: all three)")
-    g.add_argument("--dims", nargs="+", type=int_at_least(1), default=None, help="feature dimensions d (default: 64 512 2048)")
-    g.add_argument("--ks", nargs="+", type=int_at_least(1), default=None, help="support sizes k (default: 2 3; quick: 3)")
+    g.add_argument("--dims", nargs="+", type=int_at_least(1), default=None,
+                   help="feature dimensions d (default: 64 512 2048)")
+    g.add_argument("--ks", nargs="+", type=int_at_least(1), default=None,
+                   help="support sizes k (default: 2 3; quick: 3)")
     g.add_argument("--backend", choices=("cuda", "numba", "torch"), default=None,
                    help="time only this glag backend (default: every one available on the device)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -657,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--work", type=number_above(0), default=None,
                    help="useful GFLOP a config; the seed rows are subsampled to it, or the whole epoch "
                         "when smaller (default 200; quick 40)")
-    g.add_argument("--repeats", type=int_at_least(1), default=None, help="timed runs a method, the best kept (default 3)")
+    g.add_argument("--repeats", type=int_at_least(1), default=None,
+                   help="timed runs a method, the best kept (default 3)")
     g.add_argument("--min-seconds", type=number_above(0, inclusive=True), default=0.3,
                    help="a fast method is called again until a timed run lasts this long (default 0.3)")
     g.add_argument("--settle", type=number_above(0, inclusive=True), default=None,
@@ -667,10 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many seeds for dc-numpy (2 at d > 512) (default 20)")
     g.add_argument("--dc-seconds", type=number_above(0, inclusive=True), default=None,
                    help="dc-numpy stops after the seed that passes this time, >= 1 seed (default 8; quick 3)")
-    g.add_argument("--mvn-seeds", type=int_at_least(1), default=64, help="seeds for torch-mvn at d <= 512, 1/8 above (default 64)")
-    g.add_argument("--ref-samples", type=int_at_least(1), default=4000, help="samples for the glag torch reference (default 4000)")
+    g.add_argument("--mvn-seeds", type=int_at_least(1), default=64,
+                   help="seeds for torch-mvn at d <= 512, 1/8 above (default 64)")
+    g.add_argument("--ref-samples", type=int_at_least(1), default=4000,
+                   help="samples for the glag torch reference (default 4000)")
     g = p.add_argument_group("the job")
-    g.add_argument("--alpha", type=number_above(0, inclusive=True), default=0.1, help="dispersion alpha, the same for every method (default 0.1)")
+    g.add_argument("--alpha", type=number_above(0, inclusive=True), default=0.1,
+                   help="dispersion alpha, the same for every method (default 0.1)")
     g.add_argument("--mode", choices=("all", "diag"), default="diag",
                    help="alpha mode; diag keeps Sigma' positive definite for the Cholesky/SVD baselines (default diag)")
     g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the synthetic job (default 0)")
