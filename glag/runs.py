@@ -266,9 +266,9 @@ def check_run_kind(config: dict, kind: str | None, where) -> None:
     resumed in a stage-one folder would overwrite its checkpoint and metrics."""
     other = run_kind_of(config)
     if kind is not None and other is not None and other != kind:
-        raise RunExistsError(f"{where} is a {RUN_KINDS[other]} run, not a {RUN_KINDS[kind]} one: its options are "
-                             f"not this tool's, and writing this run there would overwrite it. Give this run its own "
-                             f"--out (and --config a {RUN_KINDS[kind].split()[0]} run's config.json)")
+        raise RunExistsError(f"{where} is a {RUN_KINDS.get(other, other)} run, not a {RUN_KINDS[kind]} one: its "
+                             f"options are not this tool's, and writing this run there would overwrite it. Give this "
+                             f"run its own --out (and --config a {RUN_KINDS[kind].split()[0]} run's config.json)")
 
 
 class _FolderLock:
