@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .options import first_nonfinite_row
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def class_statistics(
             f"class_statistics: labels must lie in [0, {num_classes}), got "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
-    row = _first_nonfinite_row(features)
+    row = first_nonfinite_row(features)
     if row is not None:
         raise ValueError(f"class_statistics: feature row {row} (class {int(labels[row])}) is NaN or inf; class "
                          f"means and covariances need finite features (check the feature file)")
@@ -309,7 +310,7 @@ def streaming_class_statistics(
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise ValueError(f"streaming_class_statistics: labels must lie in [0, {num_classes}), got "
                              f"[{int(y.min())}, {int(y.max())}]")
-        row = _first_nonfinite_row(x)
+        row = first_nonfinite_row(x)
         if row is not None:
             raise ValueError(f"streaming_class_statistics: a chunk's row {row} (class {int(y[row])}) is NaN or "
                              f"inf; class means and covariances need finite features (check the feature file)")
@@ -475,18 +476,6 @@ def _log_backend_once(name: str) -> None:
         log.info("find_support: FAISS backend %s", name)
 
 
-def _first_nonfinite_row(a: ArrayLike) -> Optional[int]:
-    """Index of the first row of ``a`` (n, d) holding a NaN or inf, or None.
-
-    Row sums flag the candidates at memory speed with O(n) extra memory (no (n, d) mask); each
-    flagged row is then checked exactly (the sum of a finite row can overflow)."""
-    t = torch.as_tensor(a)
-    if t.numel() == 0:
-        return None
-    flagged = torch.nonzero(~torch.isfinite(t.sum(dim=1))).flatten().tolist()
-    return next((r for r in flagged if not bool(torch.isfinite(t[r]).all())), None)
-
-
 def _to_numpy_f32(a: ArrayLike) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
@@ -512,7 +501,7 @@ def _check_support_args(queries, head_means, head_ids, k, query_labels):
         raise ValueError("find_support: head_ids has repeated class ids; give one mean per head class "
                          "(a class's own hits could not all be excluded, nor k distinct classes found)")
     for name, a in (("queries", queries), ("head_means", head_means)):
-        row = _first_nonfinite_row(a)
+        row = first_nonfinite_row(a)
         if row is not None:
             raise ValueError(f"find_support: {name} row {row} is NaN or inf; the features must be finite "
                              f"(check the feature file and the input of the Tukey transform)")

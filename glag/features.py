@@ -51,6 +51,7 @@ import numpy as np
 
 from glag import __version__
 from glag.errors import UsageError
+from glag.options import first_nonfinite_row
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,6 @@ def _attr_value(key: str, value: Any) -> Any:
 
 def _default_chunk_rows(n_rows: int, feature_dim: int, itemsize: int) -> int:
     return max(1, min(n_rows, _CHUNK_BYTES // max(1, feature_dim * itemsize)))
-
-
-def _first_nonfinite_row(a: np.ndarray) -> int | None:
-    """Index of the first row of ``a`` (2-D) holding NaN or inf, or None."""
-    bad = ~np.isfinite(a).all(axis=1)
-    return int(np.argmax(bad)) if bad.any() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,7 +480,7 @@ class FeatureWriter:
             bad = int(np.argmax((labs < 0) | (labs >= self.num_classes)))
             raise _err(self.partial_path, f"split {split!r} row {start + bad}: label {int(labs[bad])} "
                        f"outside [0, {self.num_classes})", "Check num_classes and the dataset's labels")
-        row = _first_nonfinite_row(feats)
+        row = first_nonfinite_row(feats)
         if row is not None:
             raise _err(self.partial_path, f"split {split!r} row {start + row}: feature is NaN or inf",
                        "The backbone produced non-finite features; check the checkpoint "
@@ -503,7 +498,7 @@ class FeatureWriter:
         if lg is not None:
             with np.errstate(over="ignore"):  # an overflow is reported below, by row
                 lg = lg.astype(np.float32, copy=False)  # as stored
-            row = _first_nonfinite_row(lg)
+            row = first_nonfinite_row(lg)
             if row is not None:
                 raise _err(self.partial_path, f"split {split!r} row {start + row}: logits are NaN "
                            "or inf (in float32, as stored)", "Check the stage-one checkpoint (a diverged run?)")
@@ -805,7 +800,7 @@ class FeatureFile:
             with np.errstate(over="ignore"):  # an overflow is reported below, by row
                 features[a:b] = part
             # checked after the cast: a float64 dataset, or a narrower dtype asked for, can overflow
-            row = _first_nonfinite_row(features[a:b])
+            row = first_nonfinite_row(features[a:b])
             if row is not None:
                 if np.isfinite(part[row]).all():
                     fix = ("Load it as float32 (dtype=np.float32)" if dtype.itemsize < 4 else
@@ -819,7 +814,7 @@ class FeatureFile:
                 part = g["logits"][src]
                 with np.errstate(over="ignore"):
                     logits[a:b] = part
-                row = _first_nonfinite_row(logits[a:b])
+                row = first_nonfinite_row(logits[a:b])
                 if row is not None:
                     what = ("exceed the float32 range" if np.isfinite(part[row]).all() else "are NaN or inf")
                     raise _err(self.path, f"split {split!r} row {positions[a + row]}: logits {what}",

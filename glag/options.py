@@ -1,7 +1,8 @@
 """Range checks of a config's options, named as their command-line flags (``k_max`` -> ``--k-max``).
 
 Each stage's config declares what its numeric and named options must be; :func:`check_ranges`
-refuses a value that cannot work before anything is read or written.
+refuses a value that cannot work before anything is read or written. :func:`first_nonfinite_row`
+finds the NaN/inf row of an input array, for the messages that name it.
 """
 from __future__ import annotations
 
@@ -50,3 +51,21 @@ def check_ranges(values: dict, int_min: dict = None, float_range: dict = None, c
     for key, allowed in (choices or {}).items():
         if values.get(key) not in allowed:
             raise UsageError(f"{flag(key)} must be one of {', '.join(map(str, allowed))}, got {values.get(key)!r}")
+
+
+def first_nonfinite_row(a) -> int | None:
+    """Index of the first row of ``a`` (n, d; a numpy array or a torch tensor on any device)
+    holding a NaN or inf, or None.
+
+    Row sums flag the candidates at memory speed with O(n) extra memory (no (n, d) mask); each
+    flagged row is then checked exactly (the sum of a finite row can overflow).
+    """
+    import torch  # (numpy arrays are viewed, not copied)
+
+    if isinstance(a, np.ndarray) and any(st < 0 for st in a.strides):  # (torch views no negative strides)
+        a = np.ascontiguousarray(a)
+    t = torch.as_tensor(a)
+    if t.numel() == 0:
+        return None
+    flagged = torch.nonzero(~torch.isfinite(t.sum(dim=1))).flatten().tolist()
+    return next((r for r in flagged if not bool(torch.isfinite(t[r]).all())), None)

@@ -175,7 +175,10 @@ def test_find_support_refuses_repeated_ids_nonfinite_rows_and_1d(search):
     with pytest.raises(ValueError, match=r"expected queries \(m, d\).*\(2,\)"):
         search(q[0], hm, ids, 2, None)
     assert search(q[1:], hm, ids, 1, None)[0].tolist() == [[2], [1]]  # the same inputs, valid
-    assert afg._first_nonfinite_row(torch.tensor([[1.0, 2.0], [3e38, 3e38], [1.0, float("nan")]])) == 2
+    from glag.options import first_nonfinite_row
+
+    assert first_nonfinite_row(torch.tensor([[1.0, 2.0], [3e38, 3e38], [1.0, float("nan")]])) == 2
+    assert first_nonfinite_row(np.array([[1.0, np.inf], [2.0, 3.0]])[::-1]) == 1  # a numpy view, reversed
 
 
 # ------------------------------------------------------------------------ weights (step 5)
