@@ -144,7 +144,7 @@ class ClassStats:
     def covariance(self, c: int) -> torch.Tensor:
         """Dense (d, d) float64 covariance of class ``c`` from the bank (tests / small d)."""
         if self.bank is None:
-            raise UsageError("ClassStats.bank is None: build it with class_statistics(..., build_bank=True)")
+            raise ValueError("ClassStats.bank is None: build it with class_statistics(..., build_bank=True)")
         return _dense_cov_from_bank(self.bank, c)
 
 
