@@ -6,6 +6,7 @@ interrupted run never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import importlib.metadata
@@ -39,25 +40,31 @@ def _atomic_replace(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, rename it to ``path``.
 
     A reader sees the old file or the new one, never a half-written one; the temporary file is
-    removed if writing fails.
+    removed if writing fails (a storage failure is reported by :func:`_naming_write_failures`).
     """
     path = Path(path)
-    try:
+    with _naming_write_failures(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        if _is_write_failure(exc):
-            raise write_error(path, exc) from exc
-        raise
-    os.close(fd)
+        os.close(fd)
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: readable by its owner only
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def _naming_write_failures(path: Path):
+    """Run the body; a storage failure in it (:func:`_is_write_failure`) is raised as
+    :func:`write_error`'s usage error, anything else as it is."""
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: readable by its owner only
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        yield
+    except (OSError, RuntimeError) as exc:
         if _is_write_failure(exc):
             raise write_error(path, exc) from exc
         raise
@@ -440,16 +447,12 @@ class RunDir:
         """Append one row (an epoch) to ``summary.csv``; the header comes from the first row."""
         path = self.path / name
         new = not path.exists()
-        try:  # a row cut short by a full disk is dropped when the run resumes (truncate_summary)
-            with open(path, "a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        except OSError as exc:
-            if _is_write_failure(exc):
-                raise write_error(path, exc) from exc
-            raise
+        # a row cut short by a full disk is dropped when the run resumes (truncate_summary)
+        with _naming_write_failures(path), open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
     def truncate_summary(self, epochs_done: int, name: str = "summary.csv") -> None:
         """Keep the header and the first ``epochs_done`` rows (a resumed run rewrites later ones)."""
