@@ -108,16 +108,14 @@ def _check_features_follow(feats: Path, checkpoint: Path, stage2_runs: list[Path
                          f"checkpoint, or choose another --out")
 
 
-def _check_stage2_features(run: Path, feats: Path) -> None:
-    """A finished or started stage-two run must have been trained on ``feats`` as it is now."""
+def _check_stage2_features(run: Path, feats: Path, now: str) -> None:
+    """A finished or started stage-two run must have been trained on ``feats`` as it is now
+    (``now``: its fingerprint)."""
     from glag.errors import UsageError
-    from glag.features import open_features
 
     if not (run / "config.json").exists():
         return
     made_on = json.loads((run / "config.json").read_text()).get("features_fingerprint")
-    with open_features(feats) as ff:
-        now = ff.fingerprint()
     if made_on not in (None, now):
         raise UsageError(f"{run} was trained on other features (fingerprint {made_on}) than {feats} now "
                          f"(fingerprint {now}), which was extracted again since. Delete {run} to redo it, "
@@ -152,10 +150,14 @@ def main(argv=None) -> int:
     t2 = time.time()
     from glag.metrics import format_table
 
+    from glag.features import open_features
+
+    with open_features(feats) as ff:
+        fingerprint = ff.fingerprint()  # once: the file does not change while the methods run
     rows = {}
     for method in args.stage2_methods:
         run = out / method
-        _check_stage2_features(run, feats)
+        _check_stage2_features(run, feats, fingerprint)
         if not _finished(run, s2_options[method], stage2.RESUME_FREE_OPTIONS):
             afg_train.main(s2_argv[method] + (["--resume"] if (run / "config.json").exists() else []))
         m = json.loads((run / "metrics.json").read_text())
