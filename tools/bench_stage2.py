@@ -170,20 +170,25 @@ def ensure_file(args, spec) -> dict:
     return {"written": True, "write_seconds": time.time() - t0, "file_bytes": path.stat().st_size}
 
 
+def stage2_config(args, **extra):
+    """The stage-two config this benchmark runs, from its options (``extra``: out, progress)."""
+    from glag.stage2 import Stage2Config
+
+    return Stage2Config(features=str(args.path), method=args.method, omega_init=args.omega_init, epochs=args.epochs,
+                        batch_size=args.batch_size, seed=args.seed, backend=args.backend, threads=args.threads,
+                        max_memory=args.max_memory, max_steps_per_epoch=args.max_steps, **extra)
+
+
 def measure(args, spec) -> dict:
     """The child: run stage two once and report times, peak RSS and the data path."""
     import torch
 
-    from glag.stage2 import Stage2Config, train_stage2
+    from glag.stage2 import train_stage2
     from glag.streaming import parse_bytes, peak_rss_bytes, rss_bytes
 
     start_rss = rss_bytes()
     out = args.out or tempfile.mkdtemp(prefix="bench_stage2_")
-    cfg = Stage2Config(features=str(args.path), out=os.path.join(out, "run"), method=args.method,
-                       omega_init=args.omega_init, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                       backend=args.backend,
-                       threads=args.threads, max_memory=args.max_memory, max_steps_per_epoch=args.max_steps,
-                       progress=True)
+    cfg = stage2_config(args, out=os.path.join(out, "run"), progress=True)
     t0 = time.time()
     try:
         metrics = train_stage2(cfg)
@@ -228,11 +233,8 @@ def main(argv=None) -> int:
         args.max_memory = spec["max_memory"]
     if not args.child_result:  # the run's options checked here, before a file is written or a child started
         from glag.errors import UsageError
-        from glag.stage2 import Stage2Config
 
-        Stage2Config(features=str(args.path), method=args.method, omega_init=args.omega_init, epochs=args.epochs,
-                     batch_size=args.batch_size, seed=args.seed, backend=args.backend, threads=args.threads,
-                     max_memory=args.max_memory, max_steps_per_epoch=args.max_steps).resolved()
+        stage2_config(args).resolved()
         if os.path.isdir(args.path):
             raise UsageError(f"--path {args.path} is a folder; give the feature file to write or reuse")
         if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
