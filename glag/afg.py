@@ -421,7 +421,8 @@ def split_head_tail(
         :func:`find_support` keeps a class out of its own support set.
 
     Raises:
-        ValueError: no class has more than ``head_threshold`` samples.
+        UsageError (a ValueError): no class has more than ``head_threshold`` (``--head-threshold``)
+            samples.
     """
     counts = torch.as_tensor(counts).to(torch.int64).cpu()
     n_max = int(counts.max())
@@ -429,9 +430,10 @@ def split_head_tail(
     head = torch.nonzero(counts > head_threshold).flatten()
     tail = torch.nonzero(counts < below).flatten()
     if head.numel() == 0:
-        raise ValueError(
-            f"split_head_tail: no head class (n_c > head_threshold={head_threshold}; the "
-            f"largest class has {n_max}). Lower head_threshold, e.g. to {max(n_max // 2, 0)}."
+        raise UsageError(
+            f"split_head_tail: no head class: --head-threshold {head_threshold} asks for more training samples "
+            f"than the largest class has ({n_max}). Lower head_threshold (--head-threshold), e.g. to "
+            f"{max(n_max // 2, 0)}."
         )
     log.info("head/tail split: %d head (n_c > %d) and %d augmented (n_c < %d) of %d classes",
              head.numel(), head_threshold, tail.numel(), below, counts.numel())

@@ -363,10 +363,6 @@ def check_inputs(ff, cfg: Stage2Config) -> None:
                          f"{empty[:10].tolist()}{' ...' if len(empty) > 10 else ''}); stage two needs every class in "
                          f"/train (its mean, and the samples it is topped up from). Re-extract from data that has "
                          f"every class in its train split")
-    if counts.max() <= cfg.head_threshold:
-        raise UsageError(f"{cfg.features}: no head class: --head-threshold {cfg.head_threshold} asks for more "
-                         f"training samples than the largest class has ({int(counts.max())}). Lower "
-                         f"--head-threshold, e.g. to {int(counts.max()) // 2}")
     head, tail, _ = afg.class_roles(counts, cfg.head_threshold, int(cfg.n_max or counts.max()), cfg.generate)
     if len(tail) and len(head) < cfg.k:
         raise UsageError(f"--k {cfg.k}: every tail sample takes its k nearest head classes as support, and "
